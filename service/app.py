@@ -1,0 +1,187 @@
+"""The app factory and its lifespan: engine, policy, weights and cache built on start, shut down on exit.
+
+The engine warms up in the background so `/healthz` answers at once and `/readyz` turns 200 only when the
+engine, policy and weights are ready (Kubernetes readiness semantics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from rbr_model.policy import load_policy
+from rbr_model.reward import RewardModel, Weights, default_weights_path
+from service.cache import build_cache
+from service.errors import error_response, install_error_handlers
+from service.metrics import Metrics
+from service.routes import admin, health, openrlhf, rewards
+from service.scoring import Admission, Pipeline, ServingState
+from service.settings import Settings
+
+log = logging.getLogger("rbr.app")
+
+
+def load_reward_model(policy_path: str | None, weights_path: str | None) -> RewardModel:
+    policy = load_policy(policy_path)
+    weights = Weights.load(weights_path or default_weights_path())
+    return RewardModel(policy, weights)
+
+
+def build_engine(settings: Settings) -> Any:
+    """The grader engine the settings ask for (imported lazily: vLLM is heavy)."""
+    if settings.engine == "remote":
+        from rbr_model.grading.remote_engine import RemoteEngine
+
+        if not settings.remote_url:
+            raise ValueError("RBR_ENGINE=remote needs RBR_REMOTE_URL")
+        key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
+        return RemoteEngine(settings.remote_url, model=settings.grader_model, api_key=key)
+    from rbr_model.grading.vllm_engine import VLLMEngine
+
+    from rbr_model.models import default_model_path
+
+    return VLLMEngine(
+        str(settings.grader_model or default_model_path()),
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enforce_eager=settings.enforce_eager,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    )
+
+
+def build_grader(engine: Any, model: RewardModel, settings: Settings) -> Any:
+    from rbr_model.grading.grader import Grader
+
+    calibration = None
+    if settings.calibration_path:
+        from rbr_model.calibration import Calibration
+
+        calibration = Calibration.load(settings.calibration_path)
+    return Grader(engine, model.policy, calibration=calibration, max_inflight=settings.max_inflight_judgments)
+
+
+class ObserveMiddleware:
+    """Per-route request counts and latency, and the body-size bound before anything parses the body.
+
+    Plain ASGI (not BaseHTTPMiddleware) so client disconnects still reach the route.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        metrics: Metrics = state.metrics
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > state.settings.max_body_bytes:
+            metrics.errors.labels("payload_too_large").inc()
+            response = error_response(413, "payload_too_large",
+                                      f"body of {int(length)} bytes exceeds RBR_MAX_BODY_BYTES", "body")
+            await response(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_watch(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if route != "/metrics":
+                metrics.requests.labels(route, str(status)).inc()
+                metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: Any = None) -> FastAPI:
+    """Build the app. Pass `engine` to share one already-started grader engine (tests, embedding)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model = load_reward_model(settings.policy_path, settings.weights_path)
+        cache = build_cache(settings.redis_url, metrics, ttl_s=settings.cache_ttl_s,
+                            local_size=settings.local_cache_size, timeout_s=settings.redis_timeout_s,
+                            breaker_s=settings.redis_breaker_s)
+        app.state.cache = cache
+        app.state.pipeline = Pipeline(cache, metrics, Admission(settings.max_inflight_judgments, metrics,
+                                                               settings.retry_after_s),
+                                      rm_engine=rm_engine, default_rm_score=settings.default_rm_score)
+        app.state.model = model
+        own_engine = engine is None
+        app.state.engine_task = asyncio.create_task(_start_engine(app, settings, engine, model))
+        log.info("rbr-serve starting: policy %s, weights %s, cache %s", model.policy.short_version,
+                 model.weights.version, cache.backend)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            metrics.ready.set(0)
+            app.state.engine_task.cancel()
+            await asyncio.gather(app.state.engine_task, return_exceptions=True)
+            if own_engine and app.state.engine is not None:
+                await app.state.engine.close()
+            await cache.close()
+
+    app = FastAPI(
+        title="rbr-serve",
+        version="0.1.0",
+        description="Rule Based Rewards for RL fine-tuning: proposition grading through vLLM, cached features, "
+        "combined RBR + RM rewards.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.serving = None
+    app.state.engine = None
+    app.state.ready = False
+    app.state.engine_error = None
+    app.state.reward_keys = [k.get_secret_value() for k in settings.api_keys]
+    app.state.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    app.state.reload_lock = asyncio.Lock()
+    install_error_handlers(app, on_error=lambda t: metrics.errors.labels(t).inc())
+    app.add_middleware(ObserveMiddleware)
+    for module in (rewards, openrlhf, admin, health):
+        app.include_router(module.router)
+    return app
+
+
+async def _start_engine(app: FastAPI, settings: Settings, engine: Any, model: RewardModel) -> None:
+    metrics: Metrics = app.state.metrics
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(build_engine, settings)
+            start = getattr(engine, "start", None)
+            if start is not None:
+                await start()
+        app.state.engine = engine
+        grader = build_grader(engine, model, settings)
+        # Warm up: one real judgment proves the engine answers before we call ourselves ready.
+        await grader.grade([([{"role": "user", "content": "Hello"}], "Hi there!",
+                             [next(iter(model.policy.propositions))])])
+        app.state.serving = ServingState(model.policy, model, grader, generation=1)
+        app.state.ready = True
+        metrics.ready.set(1)
+        metrics.engine_up.set(1)
+        log.info("grader engine ready (%s)", getattr(engine, "model_id", type(engine).__name__))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported through /readyz and the log
+        app.state.engine_error = f"{type(exc).__name__}: {exc}"
+        metrics.engine_up.set(0)
+        log.error("grader engine failed to start: %s", app.state.engine_error)

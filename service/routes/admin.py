@@ -1,0 +1,47 @@
+"""`POST /v1/admin/reload`: a new policy or weights without a restart (admin key only)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Depends, Request
+
+from rbr_model.policy import PolicyError
+from rbr_model.reward import WeightsError
+from service.auth import require_admin_key
+from service.errors import InvalidRequest
+from service.protocol import ErrorResponse, ReloadRequest, ReloadResponse
+from service.routes.common import serving_state
+from service.scoring import ServingState
+
+router = APIRouter(tags=["admin"])
+log = logging.getLogger("rbr.admin")
+
+
+@router.post("/v1/admin/reload", response_model=ReloadResponse, dependencies=[Depends(require_admin_key)],
+             responses={code: {"model": ErrorResponse} for code in (401, 403, 422, 503)})
+async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
+    """Load policy and weights again (or from new paths); requests in flight finish on the old ones."""
+    from service.app import build_grader, load_reward_model
+
+    app = request.app
+    settings = app.state.settings
+    body = body or ReloadRequest()
+    async with app.state.reload_lock:
+        old = serving_state(request)
+        policy_path = body.policy_path or settings.policy_path
+        weights_path = body.weights_path or settings.weights_path
+        try:
+            model = await asyncio.to_thread(load_reward_model, policy_path, weights_path)
+        except (PolicyError, WeightsError) as exc:
+            app.state.metrics.reloads.labels("error").inc()
+            field = "weights_path" if isinstance(exc, WeightsError) else "policy_path"
+            raise InvalidRequest(f"{field}: {exc}", field=field) from None
+        grader = build_grader(app.state.engine, model, settings)
+        app.state.serving = ServingState(model.policy, model, grader, generation=old.generation + 1)
+        app.state.metrics.reloads.labels("ok").inc()
+        log.info("reloaded: policy %s, weights %s (generation %d)", model.policy.short_version,
+                 model.weights.version, old.generation + 1)
+        return ReloadResponse(policy_version=model.policy.short_version, weights_version=model.weights.version,
+                              generation=old.generation + 1)

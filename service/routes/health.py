@@ -1,0 +1,64 @@
+"""Liveness, readiness, metrics and the policy in force."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from service.auth import require_reward_key
+from service.errors import error_response
+from service.protocol import PolicyInfo
+from service.routes.common import serving_state
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive (the engine may still be starting)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """200 once the engine is warm and policy and weights are loaded; 503 before, or when the engine is down."""
+    state = request.app.state
+    if state.engine_error:
+        return error_response(503, "engine_unavailable", f"grader engine unavailable: {state.engine_error}")
+    if not state.ready or state.serving is None:
+        return error_response(503, "not_ready", "grader engine is starting", headers={"Retry-After": "5"})
+    engine = state.engine
+    health = getattr(engine, "health", None)
+    if health is not None and not await health():
+        state.metrics.engine_up.set(0)
+        return error_response(503, "engine_unavailable", "grader engine does not answer health checks")
+    state.metrics.engine_up.set(1)
+    return Response('{"status":"ready"}', media_type="application/json")
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/policy", response_model=PolicyInfo, dependencies=[Depends(require_reward_key)])
+async def policy(request: Request) -> PolicyInfo:
+    """The policy and weights in force: versions, response types with their propositions and classes."""
+    s = serving_state(request)
+    return PolicyInfo(
+        name=s.policy.name,
+        version=s.policy_version,
+        fingerprint=s.policy.fingerprint,
+        grader_fingerprint=s.grader.fingerprint,
+        weights_version=s.weights_version,
+        weights_created_at=s.model.weights.created_at,
+        response_types={
+            rt: {
+                "aliases": list(s.policy.response_types[rt].aliases),
+                "propositions": list(s.policy.propositions_for(rt)),
+                "classes": list(s.policy.class_names(rt)),
+                "features": list(s.model.features[rt].feature_names),
+            }
+            for rt in s.policy.classes
+        },
+        class_order=list(s.policy.class_order),
+    )

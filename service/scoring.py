@@ -1,0 +1,202 @@
+"""The scoring pipeline: validate → cache lookup → grade the misses → features → reward → cache store.
+
+Everything that decides a reward lives here; routes only translate HTTP shapes in and out. A request works on
+one `ServingState` snapshot from start to end, so a reload never mixes policies within a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from rbr_model.features import CLASS_PREFIX
+from rbr_model.policy import Policy
+from rbr_model.reward import RewardModel
+from service.cache import FeatureCache, cache_key
+from service.errors import EngineUnavailable, InvalidRequest, Overloaded, PayloadTooLarge
+from service.metrics import Metrics
+
+log = logging.getLogger("rbr.scoring")
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What one request scores against: replaced as a whole on reload."""
+
+    policy: Policy
+    model: RewardModel
+    grader: Any  # rbr_model.grading.Grader: grade(items) -> [{proposition: P(yes)}], fingerprint
+    generation: int = 1
+
+    @property
+    def policy_version(self) -> str:
+        return self.policy.short_version
+
+    @property
+    def weights_version(self) -> str:
+        return self.model.weights.version
+
+
+@dataclass
+class ScoreItem:
+    conversation: list[dict[str, str]]
+    completion: str
+    response_type: str | None  # already resolved to a policy key
+    rm_score: float | None
+    id: str | None = None
+
+
+@dataclass
+class ScoreResult:
+    id: str | None
+    reward: float
+    rbr_reward: float
+    rm_score: float
+    response_type: str | None
+    features: dict[str, float] = field(default_factory=dict)
+    classes: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
+
+
+class Admission:
+    """Bounds the judgments in flight; a request that would pass the bound is refused at once (429)."""
+
+    def __init__(self, limit: int, metrics: Metrics, retry_after_s: int = 1):
+        self.limit, self.metrics, self.retry_after_s = limit, metrics, retry_after_s
+        self.inflight = 0
+
+    @contextmanager
+    def admit(self, judgments: int):
+        if judgments > self.limit:
+            raise PayloadTooLarge(
+                f"request needs {judgments} judgments, more than the server admits at once "
+                f"(RBR_MAX_INFLIGHT_JUDGMENTS={self.limit}); split it", field="items")
+        if self.inflight + judgments > self.limit:
+            self.metrics.rejected.inc()
+            raise Overloaded(
+                f"server busy: {self.inflight} judgments in flight (limit {self.limit}); retry later",
+                headers={"Retry-After": str(self.retry_after_s)})
+        self.inflight += judgments
+        self.metrics.inflight_judgments.set(self.inflight)
+        try:
+            yield
+        finally:
+            self.inflight -= judgments
+            self.metrics.inflight_judgments.set(self.inflight)
+
+
+class Pipeline:
+    def __init__(self, cache: FeatureCache, metrics: Metrics, admission: Admission, rm_engine: Any = None,
+                 default_rm_score: float | None = None):
+        self.cache, self.metrics, self.admission = cache, metrics, admission
+        self.rm_engine, self.default_rm_score = rm_engine, default_rm_score
+
+    @contextmanager
+    def _stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.stage_duration.labels(name).observe(time.perf_counter() - start)
+
+    async def score(self, state: ServingState, items: Sequence[ScoreItem],
+                    with_features: bool = False) -> list[ScoreResult]:
+        rm_scores = await self._rm_scores(items)
+        graded = [i for i, item in enumerate(items) if item.response_type is not None]
+        probs, cached = await self._probabilities(state, [items[i] for i in graded])
+        results: list[ScoreResult] = []
+        by_index = dict(zip(graded, range(len(graded)), strict=True))
+        for i, item in enumerate(items):
+            rm = rm_scores[i]
+            rt = item.response_type
+            self.metrics.items.labels(rt or "none").inc()
+            if rt is None:
+                results.append(ScoreResult(item.id, rm, 0.0, rm, None))
+                self.metrics.rewards.labels("none").observe(rm)
+                continue
+            j = by_index[i]
+            spec = state.model.features[rt]
+            x = spec.features(spec.matrix([probs[j]]))
+            rbr = float(state.model.rbr(rt, x)[0])
+            total = RewardModel.total(rm, rbr)
+            self.metrics.rewards.labels(rt).observe(total)
+            res = ScoreResult(item.id, total, rbr, rm, rt, cached=cached[j])
+            if with_features:
+                values = dict(zip(spec.feature_names, map(float, x[0]), strict=True))
+                res.features = {k: v for k, v in values.items() if not k.startswith(CLASS_PREFIX)}
+                res.classes = {k[len(CLASS_PREFIX):]: v for k, v in values.items() if k.startswith(CLASS_PREFIX)}
+            results.append(res)
+        return results
+
+    def check_rm_available(self, items: Sequence[ScoreItem], field_prefix: str = "items") -> None:
+        """Fail fast (422) before any grading when an item has no way to get an RM score."""
+        if self.rm_engine is not None or self.default_rm_score is not None:
+            return
+        for i, item in enumerate(items):
+            if item.rm_score is None:
+                raise InvalidRequest(
+                    f"{field_prefix}[{i}].rm_score: required (no RM engine or default RM score is configured)",
+                    field=f"{field_prefix}[{i}].rm_score")
+
+    async def _rm_scores(self, items: Sequence[ScoreItem]) -> list[float]:
+        self.check_rm_available(items)
+        out = [item.rm_score for item in items]
+        missing = [i for i, v in enumerate(out) if v is None]
+        if missing and self.rm_engine is not None:
+            with self._stage("rm"):
+                try:
+                    scores = await self.rm_engine.score(
+                        [items[i].conversation for i in missing], [items[i].completion for i in missing])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - surfaced to the caller as 503
+                    raise EngineUnavailable(f"reward model engine failed: {exc}") from exc
+            for i, s in zip(missing, scores, strict=True):
+                out[i] = float(s)
+        return [v if v is not None else float(self.default_rm_score) for v in out]  # type: ignore[arg-type]
+
+    async def _probabilities(self, state: ServingState,
+                             items: Sequence[ScoreItem]) -> tuple[list[dict[str, float]], list[bool]]:
+        if not items:
+            return [], []
+        policy, grader = state.policy, state.grader
+        keys = [cache_key(policy.fingerprint, grader.fingerprint, it.conversation, it.completion) for it in items]
+        with self._stage("cache_get"):
+            found = await self.cache.get_many(keys)
+        needed = [policy.propositions_for(it.response_type) for it in items]  # type: ignore[arg-type]
+        probs: list[dict[str, float]] = [dict(f or {}) for f in found]
+        todo = []  # (index, missing propositions)
+        for i, props in enumerate(needed):
+            missing = [p for p in props if p not in probs[i]]
+            if missing:
+                todo.append((i, missing))
+        cached = [not any(i == t[0] for t in todo) for i in range(len(items))]
+        if todo:
+            n_judgments = sum(len(m) for _, m in todo)
+            with self.admission.admit(n_judgments):
+                self.metrics.judgments.inc(n_judgments)
+                requests = [(items[i].conversation, items[i].completion, missing) for i, missing in todo]
+                with self._stage("grade"):
+                    graded = await _grade(grader, requests)
+            fresh: dict[str, dict[str, float]] = {}
+            for (i, _), result in zip(todo, graded, strict=True):
+                probs[i].update(result)
+                fresh[keys[i]] = probs[i]
+            with self._stage("cache_set"):
+                await self.cache.set_many(fresh)
+        return probs, cached
+
+
+async def _grade(grader: Any, requests: list) -> list[dict[str, float]]:
+    try:
+        return await grader.grade(requests)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a grader failure is the caller's 503, never a reward
+        log.error("grading failed: %s: %s", type(exc).__name__, exc)
+        raise EngineUnavailable(f"grader engine failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,78 @@
+"""The one settings object of the service. Every field reads the environment variable `RBR_<NAME>`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RBR_", env_file=None, extra="ignore")
+
+    # -- serving ------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address uvicorn binds (0.0.0.0 in containers).")
+    port: int = Field(8000, description="Port uvicorn listens on.")
+    log_level: str = Field("info", description="Python log level.")
+    log_text: bool = Field(False, description="Log prompt and completion text (off: logs hold no user text).")
+
+    # -- policy and weights -------------------------------------------------------------------------
+    policy_path: str | None = Field(None, description="Policy YAML; default: the packaged default policy.")
+    weights_path: str | None = Field(None, description="Weights JSON; default: the packaged default weights.")
+
+    # -- grader engine ------------------------------------------------------------------------------
+    engine: Literal["vllm", "remote"] = Field(
+        "vllm", description="vllm: in-process vLLM (GPU or CPU build); remote: an OpenAI-compatible vLLM server."
+    )
+    grader_model: str | None = Field(
+        None, description="Grader model path or id; default: the embedded SmolLM2-135M (rbr model prepare)."
+    )
+    remote_url: str | None = Field(None, description="Base URL of the remote vLLM server (engine=remote).")
+    remote_api_key: SecretStr | None = Field(None, description="Bearer key for the remote vLLM server.")
+    max_model_len: int = Field(4096, description="Longest grading prompt in tokens (vLLM max_model_len).")
+    max_num_seqs: int = Field(64, description="vLLM max_num_seqs: sequences batched per engine step.")
+    enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (shared few-shot prefixes).")
+    enforce_eager: bool = Field(True, description="Skip graph compilation (fast start; right for CPU).")
+    gpu_memory_utilization: float = Field(0.85, description="vLLM GPU memory fraction (GPU only).")
+    max_inflight_judgments: int = Field(
+        4096, description="Judgments admitted at once; a request that would exceed it gets 429."
+    )
+    calibration_path: str | None = Field(None, description="Per-proposition calibration JSON for P(yes).")
+
+    # -- reward model -------------------------------------------------------------------------------
+    rm_engine: Literal["none", "vllm", "remote"] = Field(
+        "none", description="Where rm_score comes from when a request omits it: none, vllm (in-process), remote."
+    )
+    rm_model: str | None = Field(None, description="Reward (classification) model path for rm_engine=vllm.")
+    rm_url: str | None = Field(None, description="Base URL of a vLLM server with /classify for rm_engine=remote.")
+    default_rm_score: float | None = Field(
+        None, description="rm_score used when a request omits it and no RM engine is set; unset: 422."
+    )
+
+    # -- cache --------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis:// or rediss:// URL (auth and TLS as URLs allow); unset: in-process LRU cache."
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, description="Feature cache entry lifetime in seconds.")
+    local_cache_size: int = Field(100_000, description="Entries in the in-process LRU cache (no Redis).")
+    redis_timeout_s: float = Field(0.05, description="Per-operation Redis timeout; slower counts as an error.")
+    redis_breaker_s: float = Field(5.0, description="After a Redis error, skip Redis for this many seconds.")
+
+    # -- protection ---------------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated Bearer keys for the reward routes; empty: open."
+    )
+    admin_key: SecretStr | None = Field(None, description="Bearer key for /v1/admin/*; unset: admin disabled.")
+    max_items: int = Field(1024, description="Items per request (413 above).")
+    max_chars: int = Field(65_536, description="Characters per prompt or completion text (413 above).")
+    max_body_bytes: int = Field(32 * 1024 * 1024, description="Request body size (413 above).")
+    request_timeout_s: float | None = Field(None, description="Per-request deadline in seconds (504 after).")
+    retry_after_s: int = Field(1, description="Retry-After seconds sent with 429.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
