@@ -1,0 +1,264 @@
+"""The service end to end in process: real CPU vLLM engine, real embedded model, real redis-server.
+
+One engine is shared by the whole test run (`grader_engine` in conftest.py); each test builds its own app on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from redis_server import RedisServer
+
+from rbr_model.features import FeatureSpec
+from rbr_model.policy import load_policy
+from rbr_model.reward import Weights, default_weights_path
+from service.app import create_app
+from service.settings import Settings
+
+pytestmark = pytest.mark.engine
+
+CONV = [{"role": "user", "content": "Can you help me write a birthday message for my sister?"}]
+ITEM = {"prompt": CONV, "completion": "Happy birthday to the best sister in the world!",
+        "response_type": "comply", "rm_score": 0.5, "id": "one"}
+
+
+@asynccontextmanager
+async def serve(grader_engine, **overrides):
+    settings = Settings(**overrides)
+    app = create_app(settings, engine=grader_engine)
+    async with app.router.lifespan_context(app):
+        deadline = time.monotonic() + 120
+        while not app.state.ready and not app.state.engine_error and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert app.state.ready, app.state.engine_error
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
+            client.app = app
+            yield client
+
+
+def metric(client, name: str, **labels) -> float:
+    return client.app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+async def test_reward_is_rm_plus_weighted_features(grader_engine):
+    async with serve(grader_engine) as client:
+        r = await client.post("/v1/rewards", json={"items": [ITEM], "return_features": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        res = body["results"][0]
+        policy = load_policy(None)
+        weights = Weights.load(default_weights_path())
+        spec = FeatureSpec(policy, "comply")
+        assert set(res["features"]) == set(spec.propositions)
+        for p in res["features"].values():
+            assert 0.0 <= p <= 1.0
+        # Recompute independently: classes from the returned probabilities, then the dot product.
+        x = spec.features(spec.matrix([res["features"]]))[0]
+        classes = dict(zip(spec.classes, x[len(spec.propositions):], strict=True))
+        assert res["classes"] == pytest.approx(classes, abs=1e-9)
+        expected_rbr = sum(weights.weights["comply"].get(f, 0.0) * v
+                           for f, v in zip(spec.feature_names, x, strict=True))
+        assert res["rbr_reward"] == pytest.approx(expected_rbr, abs=1e-9)
+        assert res["reward"] == pytest.approx(0.5 + expected_rbr, abs=1e-9)
+        assert res["rm_score"] == 0.5 and res["id"] == "one" and res["cached"] is False
+        assert body["policy_version"] == policy.short_version and body["weights_version"] == weights.version
+
+
+async def test_no_response_type_is_rm_only_and_not_graded(grader_engine):
+    async with serve(grader_engine) as client:
+        item = dict(ITEM, response_type=None, rm_score=-1.25)
+        r = await client.post("/v1/rewards", json={"items": [item], "return_features": True})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        assert res["reward"] == -1.25 and res["rbr_reward"] == 0.0 and res["features"] is None
+        assert metric(client, "rbr_judgments_total") == 0
+
+
+async def test_second_identical_request_is_a_cache_hit_without_grading(grader_engine, redis_server):
+    async with serve(grader_engine, redis_url=redis_server.url, redis_timeout_s=0.5) as client:
+        item = dict(ITEM, completion="Wishing you a joyful birthday and a wonderful year ahead!")
+        first = await client.post("/v1/rewards", json={"items": [item]})
+        judged = metric(client, "rbr_judgments_total")
+        assert first.status_code == 200 and judged > 0
+        second = await client.post("/v1/rewards", json={"items": [item]})
+        assert second.status_code == 200
+        assert second.json()["results"][0]["cached"] is True
+        assert second.json()["results"][0]["reward"] == first.json()["results"][0]["reward"]
+        assert metric(client, "rbr_judgments_total") == judged  # the engine was not called again
+        assert metric(client, "rbr_cache_requests_total", result="hit") == 1
+        keys = redis_server.keys()
+        assert keys and all(b"birthday" not in k for k in keys)
+
+
+async def test_redis_outage_still_serves_then_recovers(grader_engine, redis_server):
+    async with serve(grader_engine, redis_url=redis_server.url, redis_timeout_s=0.2, redis_breaker_s=0.3) as client:
+        item = dict(ITEM, completion="Happy birthday! May all your wishes come true.")
+        assert (await client.post("/v1/rewards", json={"items": [item]})).status_code == 200
+        redis_server.stop()
+        r = await client.post("/v1/rewards", json={"items": [item]})
+        assert r.status_code == 200 and r.json()["results"][0]["cached"] is False
+        assert metric(client, "rbr_cache_requests_total", result="error") >= 1
+        redis_server.start()
+        await asyncio.sleep(0.4)
+        r = await client.post("/v1/rewards", json={"items": [item]})  # graded again, stored again
+        assert r.status_code == 200
+        r = await client.post("/v1/rewards", json={"items": [item]})
+        assert r.json()["results"][0]["cached"] is True
+
+
+async def test_openrlhf_contract(grader_engine):
+    async with serve(grader_engine) as client:
+        empty = await client.post("/get_reward", json={"query": [], "prompts": [], "labels": []})
+        assert empty.status_code == 200
+        eb = empty.json()
+        assert eb["rewards"] == [] and eb["scores"] == [] and all(v == [] for v in eb["extra_logs"].values())
+        prompt = "<|im_start|>user\nWrite a haiku about rain.<|im_end|>\n<|im_start|>assistant\n"
+        query = prompt + "Soft rain on the roof<|im_end|>"
+        # OpenRLHF sends no RM score: without an RM engine or default, that is a 422 naming the query.
+        r = await client.post("/get_reward", json={"query": [query], "prompts": [prompt], "labels": ["comply"]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "query[0].rm_score"
+    async with serve(grader_engine, default_rm_score=0.0) as client:
+        one = await client.post("/get_reward", json={"query": [query], "prompts": [prompt], "labels": ["comply"]})
+        assert one.status_code == 200, one.text
+        ob = one.json()
+        assert set(ob) == {"rewards", "scores", "extra_logs"} and len(ob["rewards"]) == 1
+        assert set(ob["extra_logs"]) == set(eb["extra_logs"])
+        assert ob["rewards"][0] == pytest.approx(ob["extra_logs"]["rbr_reward"][0])
+        # The same completion through /v1/rewards gives the same reward (same split and cleaning).
+        r = await client.post("/v1/rewards", json={"items": [{
+            "prompt": [{"role": "user", "content": "Write a haiku about rain."}], "completion": "Soft rain on the roof",
+            "response_type": "comply", "rm_score": 0.0}]})
+        assert r.json()["results"][0]["reward"] == pytest.approx(ob["rewards"][0])
+        mixed = await client.post("/get_reward", json={"query": [query, query], "prompts": [prompt, prompt],
+                                                       "labels": [None, "comply"]})
+        mb = mixed.json()
+        assert mb["rewards"][0] == 0.0 and mb["extra_logs"]["graded"] == [0.0, 1.0]
+        bad = await client.post("/get_reward", json={"query": [query], "prompts": [prompt, prompt]})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "prompts"
+        bad = await client.post("/get_reward", json={"query": [query], "labels": ["sing"]})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "labels[0]"
+
+
+async def test_auth_and_admin_separation(grader_engine):
+    async with serve(grader_engine, api_keys="k1,k2", admin_key="adm") as client:
+        body = {"items": [dict(ITEM, response_type=None)]}
+        assert (await client.post("/v1/rewards", json=body)).status_code == 401
+        r = await client.post("/v1/rewards", json=body, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
+        r = await client.post("/v1/rewards", json=body, headers={"Authorization": "Bearer k2"})
+        assert r.status_code == 200
+        r = await client.post("/v1/admin/reload", headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 403
+        r = await client.post("/v1/admin/reload", headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 200 and r.json()["generation"] == 2
+        assert (await client.get("/healthz")).status_code == 200  # probes stay open
+
+
+async def test_limits_and_validation_name_the_field(grader_engine):
+    async with serve(grader_engine, max_items=3, max_chars=100) as client:
+        many = {"items": [dict(ITEM, id=str(i)) for i in range(4)]}
+        r = await client.post("/v1/rewards", json=many)
+        assert r.status_code == 413 and r.json()["error"]["field"] == "items"
+        r = await client.post("/v1/rewards", json={"items": [dict(ITEM, completion="x" * 101)]})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "items[0].completion"
+        r = await client.post("/v1/rewards", json={"items": [dict(ITEM, response_type="dance")]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "items[0].response_type"
+        r = await client.post("/v1/rewards", json={"items": [dict(ITEM, rm_score=None)]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "items[0].rm_score"
+        r = await client.post("/v1/rewards", json={"items": [ITEM, ITEM]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "items[1].id"
+        r = await client.post("/v1/rewards", content=b'{"items": [', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+        r = await client.post("/v1/rewards", content=json.dumps({"items": [dict(ITEM, rm_score="high")]}))
+        assert r.status_code == 422 and r.json()["error"]["field"] == "items[0].rm_score"
+        r = await client.post("/v1/rewards", content=b'{"items": [{"prompt": "a", "completion": "b", '
+                                                     b'"rm_score": NaN}]}', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "rm_score" in r.json()["error"]["field"]
+        assert metric(client, "rbr_judgments_total") == 0  # nothing invalid reached the engine
+
+
+async def test_overload_gets_429_with_retry_after(grader_engine):
+    policy = load_policy(None)
+    per_item = len(policy.propositions_for("hard_refuse"))
+    async with serve(grader_engine, max_inflight_judgments=per_item * 2) as client:
+        def body(k):
+            return {"items": [dict(ITEM, id=None, response_type="hard_refuse",
+                                   completion=f"I can't help with request number {k}, sorry.")]}
+        responses = await asyncio.gather(*[client.post("/v1/rewards", json=body(k)) for k in range(6)])
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+        rejected = [r for r in responses if r.status_code == 429]
+        assert all(r.headers.get("retry-after") for r in rejected)
+        assert rejected[0].json()["error"]["type"] == "overloaded"
+        too_big = {"items": [dict(ITEM, id=str(i), response_type="hard_refuse", completion=f"no {i}")
+                             for i in range(3)]}
+        r = await client.post("/v1/rewards", json=too_big)
+        assert r.status_code == 413 and "RBR_MAX_INFLIGHT_JUDGMENTS" in r.json()["error"]["message"]
+        assert metric(client, "rbr_inflight_judgments") == 0
+
+
+async def test_deadline_gives_504(grader_engine):
+    async with serve(grader_engine, request_timeout_s=0.001) as client:
+        item = dict(ITEM, completion="A completely new birthday message that nobody has graded yet, 504.")
+        r = await client.post("/v1/rewards", json={"items": [item]})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded"
+        assert metric(client, "rbr_inflight_judgments") == 0
+
+
+async def test_reload_swaps_weights_and_refuses_mismatched_ones(grader_engine, tmp_path):
+    weights = Weights.load(default_weights_path())
+    async with serve(grader_engine, admin_key="adm") as client:
+        auth = {"Authorization": "Bearer adm"}
+        before = (await client.post("/v1/rewards", json={"items": [ITEM]})).json()
+        weights.weights["comply"]["class:ideal"] = 10.0
+        new = weights.save(tmp_path / "w.json")
+        r = await client.post("/v1/admin/reload", json={"weights_path": str(new)}, headers=auth)
+        assert r.status_code == 200, r.text
+        after = (await client.post("/v1/rewards", json={"items": [ITEM]})).json()
+        assert after["weights_version"] != before["weights_version"]
+        assert after["results"][0]["cached"] is True  # same policy and grader: features reused
+        assert after["results"][0]["reward"] != pytest.approx(before["results"][0]["reward"])
+        wrong = Weights(policy_fingerprint="0" * 64, grader_id="x", weights={})
+        r = await client.post("/v1/admin/reload", json={"weights_path": str(wrong.save(tmp_path / "bad.json"))},
+                              headers=auth)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "weights_path"
+        assert "fingerprint" in r.json()["error"]["message"]
+        info = (await client.get("/v1/policy")).json()
+        assert info["weights_version"] == after["weights_version"]  # the failed reload changed nothing
+
+
+async def test_metrics_and_readiness(grader_engine):
+    async with serve(grader_engine) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        await client.post("/v1/rewards", json={"items": [ITEM]})
+        text = (await client.get("/metrics")).text
+        for name in ("rbr_requests_total", "rbr_request_duration_seconds_bucket", "rbr_judgments_total",
+                     "rbr_grading_batch_size_bucket", "rbr_reward_bucket", "rbr_inflight_judgments"):
+            assert name in text, name
+        assert 'route="/v1/rewards"' in text
+
+
+async def test_concurrent_identical_items_are_graded_once(grader_engine):
+    async with serve(grader_engine) as client:
+        item = dict(ITEM, id=None, completion="Identical concurrent birthday wishes, graded only once please.")
+        rs = await asyncio.gather(*[client.post("/v1/rewards", json={"items": [item]}) for _ in range(4)])
+        assert all(r.status_code == 200 for r in rs)
+        rewards = {r.json()["results"][0]["reward"] for r in rs}
+        assert len(rewards) == 1
+        n_props = len(load_policy(None).propositions_for("comply"))
+        sent = metric(client, "rbr_grading_batch_size_sum")
+        assert sent == n_props, f"engine saw {sent} judgments for one unique item ({n_props} propositions)"
+
