@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: 
                                                                settings.retry_after_s),
                                       rm_engine=rm_engine, default_rm_score=settings.default_rm_score)
         app.state.model = model
-        own_engine = engine is None
+        own_engine, own_rm = engine is None, rm_engine is None
         app.state.engine_task = asyncio.create_task(_start_engine(app, settings, engine, model))
         log.info("rbr-serve starting: policy %s, weights %s, cache %s", model.policy.short_version,
                  model.weights.version, cache.backend)
@@ -136,6 +136,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: 
             await asyncio.gather(app.state.engine_task, return_exceptions=True)
             if own_engine and app.state.engine is not None:
                 await app.state.engine.close()
+            if own_rm and app.state.pipeline.rm_engine is not None:
+                await app.state.pipeline.rm_engine.close()
             await cache.close()
 
     app = FastAPI(
@@ -170,6 +172,13 @@ async def _start_engine(app: FastAPI, settings: Settings, engine: Any, model: Re
             if start is not None:
                 await start()
         app.state.engine = engine
+        pipeline: Pipeline = app.state.pipeline
+        if pipeline.rm_engine is None and settings.rm_engine != "none":
+            from rbr_model.rm import build_rm_engine
+
+            pipeline.rm_engine = await asyncio.to_thread(
+                build_rm_engine, settings.rm_engine, settings.rm_model, settings.rm_url,
+                max_model_len=settings.max_model_len)
         grader = build_grader(engine, model, settings)
         # Warm up: one real judgment proves the engine answers before we call ourselves ready.
         await grader.grade([([{"role": "user", "content": "Hello"}], "Hi there!",
