@@ -34,16 +34,18 @@ def load_reward_model(policy_path: str | None, weights_path: str | None) -> Rewa
 
 def build_engine(settings: Settings) -> Any:
     """The grader engine the settings ask for (imported lazily: vLLM is heavy)."""
+    from rbr_model.models import default_model_path
+
     if settings.engine == "remote":
         from rbr_model.grading.remote_engine import RemoteEngine
 
         if not settings.remote_url:
             raise ValueError("RBR_ENGINE=remote needs RBR_REMOTE_URL")
         key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
-        return RemoteEngine(settings.remote_url, model=settings.grader_model, api_key=key)
+        # The chat template comes from a local copy of the grader's tokenizer (same model as the server's).
+        return RemoteEngine(settings.remote_url, model=settings.remote_model,
+                            tokenizer=str(settings.grader_model or default_model_path()), api_key=key)
     from rbr_model.grading.vllm_engine import VLLMEngine
-
-    from rbr_model.models import default_model_path
 
     return VLLMEngine(
         str(settings.grader_model or default_model_path()),
@@ -63,7 +65,7 @@ def build_grader(engine: Any, model: RewardModel, settings: Settings) -> Any:
         from rbr_model.calibration import Calibration
 
         calibration = Calibration.load(settings.calibration_path)
-    return Grader(engine, model.policy, calibration=calibration, max_inflight=settings.max_inflight_judgments)
+    return Grader(engine, model.policy, calibration=calibration, max_in_flight=settings.max_inflight_judgments)
 
 
 class ObserveMiddleware:

@@ -27,9 +27,10 @@ class Metrics:
                                        registry=r)
         self.judgments = Counter("rbr_judgments_total", "Proposition judgments sent to the grader engine.",
                                  registry=r)
-        self.judgments_deduplicated = Counter(
-            "rbr_judgments_deduplicated_total", "Judgments answered by an identical one already in flight.",
+        self.engine_prompts = Counter(
+            "rbr_engine_prompts_total", "Distinct grading prompts sent to the engine (after in-flight deduplication).",
             registry=r)
+        self._engine_prompts_seen: tuple[int, int] = (0, 0)  # (id of grader, its count already exported)
         self.cache_requests = Counter("rbr_cache_requests_total", "Feature cache lookups by result.",
                                       ["result"], registry=r)  # hit, miss, error
         self.cache_errors = Counter("rbr_cache_errors_total", "Feature cache operations that failed, by operation.",
@@ -52,6 +53,16 @@ class Metrics:
         self.ready = Gauge("rbr_ready", "1 when engine, policy and weights are loaded.", registry=r)
         self.engine_up = Gauge("rbr_engine_up", "1 when the grader engine answers health checks.", registry=r)
         self.reloads = Counter("rbr_reloads_total", "Policy/weights reloads by result.", ["result"], registry=r)
+
+    def sync_grader(self, grader: object) -> None:
+        """Export the grader's own count of engine prompts (it lives in the pure library, which has no metrics)."""
+        count = int(getattr(grader, "engine_requests", 0))
+        seen_id, seen = self._engine_prompts_seen
+        if seen_id != id(grader):
+            seen = 0
+        if count > seen:
+            self.engine_prompts.inc(count - seen)
+        self._engine_prompts_seen = (id(grader), max(count, seen))
 
     def render(self, include_engine: bool = True) -> bytes:
         """Our series, then vLLM's (it registers them on the global registry when logging stats)."""

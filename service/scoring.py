@@ -181,8 +181,11 @@ class Pipeline:
             with self.admission.admit(n_judgments):
                 self.metrics.judgments.inc(n_judgments)
                 requests = [(items[i].conversation, items[i].completion, missing) for i, missing in todo]
+                self.metrics.grading_batch_size.observe(n_judgments)
+                start = time.perf_counter()
                 with self._stage("grade"):
                     graded = await _grade(grader, requests)
+                self.metrics.grading_duration.observe(time.perf_counter() - start)
             fresh: dict[str, dict[str, float]] = {}
             for (i, _), result in zip(todo, graded, strict=True):
                 probs[i].update(result)

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
         None, description="Grader model path or id; default: the embedded SmolLM2-135M (rbr model prepare)."
     )
     remote_url: str | None = Field(None, description="Base URL of the remote vLLM server (engine=remote).")
+    remote_model: str | None = Field(None, description="Served model name on the remote server; unset: ask it.")
     remote_api_key: SecretStr | None = Field(None, description="Bearer key for the remote vLLM server.")
     max_model_len: int = Field(4096, description="Longest grading prompt in tokens (vLLM max_model_len).")
     max_num_seqs: int = Field(64, description="vLLM max_num_seqs: sequences batched per engine step.")

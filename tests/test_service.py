@@ -92,12 +92,14 @@ async def test_second_identical_request_is_a_cache_hit_without_grading(grader_en
         item = dict(ITEM, completion="Wishing you a joyful birthday and a wonderful year ahead!")
         first = await client.post("/v1/rewards", json={"items": [item]})
         judged = metric(client, "rbr_judgments_total")
-        assert first.status_code == 200 and judged > 0
+        sent = client.app.state.serving.grader.engine_requests
+        assert first.status_code == 200 and judged > 0 and sent == judged
         second = await client.post("/v1/rewards", json={"items": [item]})
         assert second.status_code == 200
         assert second.json()["results"][0]["cached"] is True
         assert second.json()["results"][0]["reward"] == first.json()["results"][0]["reward"]
-        assert metric(client, "rbr_judgments_total") == judged  # the engine was not called again
+        assert metric(client, "rbr_judgments_total") == judged
+        assert client.app.state.serving.grader.engine_requests == sent  # the engine was not called again
         assert metric(client, "rbr_cache_requests_total", result="hit") == 1
         keys = redis_server.keys()
         assert keys and all(b"birthday" not in k for k in keys)
@@ -184,8 +186,8 @@ async def test_limits_and_validation_name_the_field(grader_engine):
         assert r.status_code == 422 and r.json()["error"]["field"] == "body"
         r = await client.post("/v1/rewards", content=json.dumps({"items": [dict(ITEM, rm_score="high")]}))
         assert r.status_code == 422 and r.json()["error"]["field"] == "items[0].rm_score"
-        r = await client.post("/v1/rewards", content=b'{"items": [{"prompt": "a", "completion": "b", '
-                                                     b'"rm_score": NaN}]}', headers={"content-type": "application/json"})
+        nan_body = b'{"items": [{"prompt": "a", "completion": "b", "rm_score": NaN}]}'
+        r = await client.post("/v1/rewards", content=nan_body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "rm_score" in r.json()["error"]["field"]
         assert metric(client, "rbr_judgments_total") == 0  # nothing invalid reached the engine
 
@@ -259,6 +261,6 @@ async def test_concurrent_identical_items_are_graded_once(grader_engine):
         rewards = {r.json()["results"][0]["reward"] for r in rs}
         assert len(rewards) == 1
         n_props = len(load_policy(None).propositions_for("comply"))
-        sent = metric(client, "rbr_grading_batch_size_sum")
+        sent = client.app.state.serving.grader.engine_requests
         assert sent == n_props, f"engine saw {sent} judgments for one unique item ({n_props} propositions)"
 

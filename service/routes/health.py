@@ -37,7 +37,10 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    state = request.app.state
+    if state.serving is not None:
+        state.metrics.sync_grader(state.serving.grader)
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/policy", response_model=PolicyInfo, dependencies=[Depends(require_reward_key)])
