@@ -14,12 +14,23 @@ STAMP="$VENV/.rbr-setup-stamp"
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-if ! command -v redis-server >/dev/null; then
+# System tools: redis-server (cache, tests), and for the deployment checks docker-compose (config only; no
+# engine needed), prometheus (promtool, and Prometheus itself for the monitoring test) and shellcheck.
+APT_PACKAGES=(redis-server docker-compose prometheus shellcheck)
+APT_COMMANDS=(redis-server docker-compose promtool shellcheck)
+missing=()
+for i in "${!APT_COMMANDS[@]}"; do
+  command -v "${APT_COMMANDS[$i]}" >/dev/null || missing+=("${APT_PACKAGES[$i]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "installing redis-server from apt"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    log "installing from apt: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian's prometheus package starts a system Prometheus on :9090; tests run their own.
+    if command -v systemctl >/dev/null; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
   else
-    log "redis-server not found: install it (e.g. apt-get install redis-server); tests that need it will fail"
+    log "missing system packages: ${missing[*]} (install them with your package manager); tests that need them fail"
   fi
 fi
 

