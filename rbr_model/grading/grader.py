@@ -1,0 +1,201 @@
+"""The `Grader`: (conversation, completion, propositions) items in, calibrated P(yes) per proposition out.
+
+It renders one prompt per (item, proposition), sends each distinct prompt to the engine once, and lets the
+engine batch everything in flight. Two callers that need the same prompt at the same time share one engine
+request (an in-flight map from prompt text to its task). A semaphore bounds how many prompts are in the
+engine at once, so a burst of callers queues here instead of inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from rbr_model.grading.engine import Engine, GradingError, Judgment
+from rbr_model.grading.prompts import DEFAULT_LAYOUT, Layout, Message, PromptError, PromptRenderer
+from rbr_model.policy import Policy
+
+# How P(yes) is read from the answer token's distribution; part of the fingerprint.
+SCORING_VERSION = "yes-no-sum-ratio-1"
+
+GradeItem = tuple[Sequence[Message], str, Sequence[str]]  # (conversation, completion, proposition names)
+
+
+@runtime_checkable
+class Calibration(Protocol):
+    """Maps a raw P(yes) for a proposition to a calibrated one.
+
+    `fingerprint` must change whenever the mapping does: it versions every cached feature.
+    """
+
+    fingerprint: str
+
+    def apply(self, name: str, p: float) -> float: ...
+
+
+@dataclass
+class _Flight:
+    task: asyncio.Task[Judgment]
+    waiters: int = 0
+
+
+class Grader:
+    """Grades items against a policy's propositions with one engine.
+
+    `tokenizer` supplies the grader model's chat template; by default the engine's own (`engine.tokenizer`).
+    `max_in_flight` caps the distinct prompts sent to the engine at once (across all callers).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        policy: Policy,
+        tokenizer: Any | None = None,
+        calibration: Calibration | None = None,
+        *,
+        layout: Layout = DEFAULT_LAYOUT,
+        max_in_flight: int = 256,
+    ):
+        tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("the grader needs a tokenizer with the grader model's chat template")
+        if calibration is not None and not callable(getattr(calibration, "apply", None)):
+            raise TypeError("calibration must have an apply(name, p) -> p method")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.engine = engine
+        self.policy = policy
+        self.calibration = calibration
+        self.renderer = PromptRenderer(policy, tokenizer, layout)
+        self.max_in_flight = max_in_flight
+        self._sem = asyncio.Semaphore(max_in_flight)
+        self._in_flight: dict[str, _Flight] = {}
+        self.engine_requests = 0  # distinct prompts actually sent to the engine (for metrics and tests)
+
+    # ---- identity -------------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over what decides the numbers: grader model, prompt wording/layout, scoring, calibration."""
+        blob = json.dumps(
+            {
+                "model": self.engine.model_id,
+                "template": self.renderer.version,
+                "scoring": SCORING_VERSION,
+                "calibration": _calibration_id(self.calibration),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def in_flight(self) -> int:
+        """Distinct prompts currently waiting on the engine (a gauge for metrics and back-pressure)."""
+        return len(self._in_flight)
+
+    # ---- rendering ------------------------------------------------------------------------------------
+    def render(self, conversation: Sequence[Message], completion: str, proposition: str) -> str:
+        return self.renderer.render(conversation, completion, proposition)
+
+    def _prompts(self, items: Sequence[GradeItem]) -> list[list[tuple[str, str]]]:
+        out = []
+        for i, item in enumerate(items):
+            try:
+                conversation, completion, names = item
+            except (TypeError, ValueError):
+                raise PromptError(f"items[{i}]: expected (conversation, completion, propositions)") from None
+            if isinstance(names, str):
+                raise PromptError(f"items[{i}]: propositions must be a list of names, not a string")
+            out.append([(name, self.render(conversation, completion, name)) for name in names])
+        return out
+
+    # ---- grading --------------------------------------------------------------------------------------
+    async def grade(self, items: Sequence[GradeItem]) -> list[dict[str, float]]:
+        """Calibrated P(yes) per requested proposition, one dict per item, in order."""
+        judged = await self.grade_judgments(items)
+        cal = self.calibration
+        return [
+            {name: (cal.apply(name, j.p_yes) if cal else j.p_yes) for name, j in per_item.items()}
+            for per_item in judged
+        ]
+
+    async def grade_judgments(self, items: Sequence[GradeItem]) -> list[dict[str, Judgment]]:
+        """Raw (uncalibrated) judgments with their yes/no mass, one dict per item, in order."""
+        rendered = self._prompts(items)  # all prompt errors surface before any engine work
+        unique = list(dict.fromkeys(p for per_item in rendered for _, p in per_item))
+        flights = [self._join(p) for p in unique]
+        try:
+            results = await asyncio.gather(*(asyncio.shield(f.task) for f in flights), return_exceptions=True)
+        except asyncio.CancelledError:
+            self._leave(flights)
+            raise
+        self._leave(flights)
+        by_prompt: dict[str, Judgment] = {}
+        for prompt, res in zip(unique, results, strict=True):
+            if isinstance(res, BaseException):
+                if isinstance(res, GradingError):
+                    raise res
+                if isinstance(res, asyncio.CancelledError):
+                    raise GradingError("grading was cancelled by another caller", retryable=True)
+                raise GradingError(f"grading failed: {type(res).__name__}: {res}") from res
+            by_prompt[prompt] = res
+        return [{name: by_prompt[p] for name, p in per_item} for per_item in rendered]
+
+    def _join(self, prompt: str) -> _Flight:
+        flight = self._in_flight.get(prompt)
+        if flight is None:
+            flight = _Flight(asyncio.ensure_future(self._send(prompt)))
+            self._in_flight[prompt] = flight
+            flight.task.add_done_callback(lambda _t, p=prompt, f=flight: self._land(p, f))
+        flight.waiters += 1
+        return flight
+
+    def _land(self, prompt: str, flight: _Flight) -> None:
+        if self._in_flight.get(prompt) is flight:
+            del self._in_flight[prompt]
+
+    def _leave(self, flights: Sequence[_Flight]) -> None:
+        """A caller stops waiting; work nobody waits for any more is cancelled (vLLM aborts the request)."""
+        for f in flights:
+            f.waiters -= 1
+            if f.waiters <= 0 and not f.task.done():
+                f.task.cancel()
+
+    async def _send(self, prompt: str) -> Judgment:
+        async with self._sem:
+            self.engine_requests += 1
+            (judgment,) = await self.engine.grade([prompt])
+            return judgment
+
+
+def _calibration_id(calibration: Any) -> Any:
+    if calibration is None:
+        return None
+    fp = getattr(calibration, "fingerprint", None)
+    if callable(fp):
+        fp = fp()
+    if isinstance(fp, str) and fp:
+        return fp
+    # No declared fingerprint: fall back to the object's type and public state, so that two different
+    # calibrations at least never share a fingerprint by accident.
+    state = (
+        {k: v for k, v in vars(calibration).items() if not k.startswith("_")}
+        if hasattr(calibration, "__dict__")
+        else repr(calibration)
+    )
+    return {"type": f"{type(calibration).__module__}.{type(calibration).__qualname__}", "state": _jsonable(state)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return repr(value)
