@@ -70,9 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(GOLD), help="JSONL with prompt/completion/response_type (OpenAI gold)")
     p.add_argument("--layout", default=None, choices=["proposition_first", "conversation_first"],
                    help="prompt layout for both graders (default: the Grader's default)")
-    p.add_argument("--naive-conversations", type=int, default=None,
-                   help="run the naive grader on only the first K conversations (its rate is per judgment, "
-                   "sequential, so a prefix is representative); default: all")
+    p.add_argument("--completions-per-conversation", type=int, default=1,
+                   help="K completions graded per conversation (RL samples several per prompt): the conversation's "
+                   "own plus K-1 borrowed from other conversations of the same response type")
+    p.add_argument("--naive-limit", type=int, default=None,
+                   help="run the naive grader on only the first N (conversation, completion) items; its rate is "
+                   "per judgment and sequential, so a prefix is representative (default: all)")
     p.add_argument("--skip-naive", action="store_true", help="measure our grader only")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -114,7 +117,25 @@ def load_items(args, policy, tokenizer):
             skipped += 1
             continue
         picked.append((conv, completion))
-    return picked, props, source, skipped
+    k = max(1, args.completions_per_conversation)
+    pool = [a for _, a in rows]
+    items = [
+        (conv, completion if j == 0 else pool[(n * k + j) % len(pool)])
+        for n, (conv, completion) in enumerate(picked)
+        for j in range(k)
+    ]
+    return items, len(picked), props, source, skipped
+
+
+def _fits(policy, tokenizer, conv, completion, props, max_model_len) -> bool:
+    """Borrowed completions can make a prompt too long again; such items are dropped."""
+    from rbr_model.grading.prompts import LAYOUTS, PromptRenderer
+
+    return all(
+        len(tokenizer.encode(PromptRenderer(policy, tokenizer, lay).render(conv, completion, p),
+                             add_special_tokens=False)) + 1 <= max_model_len
+        for lay in LAYOUTS for p in props
+    )
 
 
 def simulate_layouts(policy, tokenizer, pairs, props, block_sizes=(16, 128)):
@@ -190,9 +211,11 @@ async def main(args) -> dict:
     ours_engine = engine(True)
     boot = time.perf_counter() - t0
     tok = ours_engine.tokenizer
-    pairs, props, source, skipped = load_items(args, policy, tok)
+    pairs, n_conv, props, source, skipped = load_items(args, policy, tok)
+    pairs = [(c, a) for c, a in pairs if _fits(policy, tok, c, a, props, args.max_model_len)]
     layouts = simulate_layouts(policy, tok, pairs, props)
-    print(f"{len(pairs)} conversations from {source} ({skipped} too long skipped) x {len(props)} propositions "
+    print(f"{len(pairs)} items ({n_conv} conversations from {source}, {skipped} too long skipped, "
+          f"{args.completions_per_conversation} completion(s) each) x {len(props)} propositions "
           f"= {len(pairs) * len(props)} judgments; engine start {boot:.0f} s", flush=True)
     try:
         ours, ours_s, grader = await run_ours(ours_engine, policy, pairs, props, args)
@@ -200,7 +223,7 @@ async def main(args) -> dict:
         await ours_engine.close()
 
     prompts = [grader.render(c, a, p) for c, a in pairs for p in props]
-    k = args.naive_conversations or len(pairs)
+    k = args.naive_limit or len(pairs)
     naive, naive_s = [], 0.0
     if not args.skip_naive:
         naive_engine = engine(False)
@@ -216,7 +239,9 @@ async def main(args) -> dict:
         "policy": policy.short_version,
         "response_type": args.response_type,
         "source": source,
-        "conversations": len(pairs),
+        "conversations": n_conv,
+        "completions_per_conversation": args.completions_per_conversation,
+        "items": len(pairs),
         "propositions": len(props),
         "judgments": n,
         "layout": grader.renderer.layout,
@@ -242,7 +267,8 @@ async def main(args) -> dict:
 
 def report(fig: dict) -> str:
     lines = [
-        f"Workload: {fig['conversations']} conversations ({fig['source']}) x {fig['propositions']} propositions "
+        f"Workload: {fig['items']} items = {fig['conversations']} conversations ({fig['source']}) x "
+        f"{fig['completions_per_conversation']} completion(s), each x {fig['propositions']} propositions "
         f"({fig['response_type']}, policy {fig['policy']}) = {fig['judgments']} judgments; model {fig['model']} "
         f"({fig['dtype']}); layout {fig['layout']}.",
         "",

@@ -85,10 +85,15 @@ class ObserveMiddleware:
         metrics: Metrics = state.metrics
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > state.settings.max_body_bytes:
+        limit = state.settings.max_body_bytes
+        too_large = length.isdigit() and int(length) > limit
+        if not length and b"chunked" in headers.get(b"transfer-encoding", b""):
+            # No declared length: read the body here, at most `limit` bytes, then replay it to the app.
+            receive, too_large = await _bounded_body(receive, limit)
+        if too_large:
             metrics.errors.labels("payload_too_large").inc()
-            response = error_response(413, "payload_too_large",
-                                      f"body of {int(length)} bytes exceeds RBR_MAX_BODY_BYTES", "body")
+            size = f"body of {int(length)} bytes" if length.isdigit() else "chunked body"
+            response = error_response(413, "payload_too_large", f"{size} exceeds RBR_MAX_BODY_BYTES={limit}", "body")
             await response(scope, receive, send)
             return
         status = 500
@@ -107,6 +112,26 @@ class ObserveMiddleware:
             if route != "/metrics":
                 metrics.requests.labels(route, str(status)).inc()
                 metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+
+
+async def _bounded_body(receive: Any, limit: int) -> tuple[Any, bool]:
+    """Buffer a request body of unknown length up to `limit` bytes: (a receive that replays it, too large?)."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        if size > limit:
+            return receive, True
+        if not message.get("more_body", False):
+            break
+
+    async def replay() -> dict:
+        return messages.pop(0) if messages else await receive()
+
+    return replay, False
 
 
 def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: Any = None) -> FastAPI:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -15,11 +16,17 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
 def _matches(token: str, keys: list[str]) -> bool:
-    # Compare against every key, never stopping early, so timing says nothing about which one was close.
+    # Compare against every key, never stopping early, so timing says nothing about which one was close; compare
+    # fixed-length digests, so it says nothing about a key's length either (compare_digest returns early on that).
     found = False
+    digest = _digest(token)
     for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        found |= hmac.compare_digest(digest, _digest(key))
     return found
 
 

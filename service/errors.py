@@ -101,6 +101,12 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, (ValueError, RecursionError)):
+            # FastAPI's generic "error parsing the body": invalid UTF-8, nesting too deep, an integer too long.
+            count("invalid_request")
+            return error_response(422, "invalid_request",
+                                  f"body is not valid JSON: {type(cause).__name__}: {str(cause)[:200]}", "body")
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         count(type_)
         return error_response(exc.status_code, type_, str(exc.detail), None, getattr(exc, "headers", None))

@@ -105,10 +105,11 @@ class Pipeline:
             self.metrics.stage_duration.labels(name).observe(time.perf_counter() - start)
 
     async def score(self, state: ServingState, items: Sequence[ScoreItem],
-                    with_features: bool = False) -> list[ScoreResult]:
+                    with_features: bool = False, field: str = "items") -> list[ScoreResult]:
+        """`field` names the request's list of items in errors (`query` for OpenRLHF)."""
         rm_scores = await self._rm_scores(items)
         graded = [i for i, item in enumerate(items) if item.response_type is not None]
-        probs, cached = await self._probabilities(state, [items[i] for i in graded])
+        probs, cached = await self._probabilities(state, [items[i] for i in graded], field)
         results: list[ScoreResult] = []
         by_index = dict(zip(graded, range(len(graded)), strict=True))
         for i, item in enumerate(items):
@@ -160,8 +161,8 @@ class Pipeline:
                 out[i] = float(s)
         return [v if v is not None else float(self.default_rm_score) for v in out]  # type: ignore[arg-type]
 
-    async def _probabilities(self, state: ServingState,
-                             items: Sequence[ScoreItem]) -> tuple[list[dict[str, float]], list[bool]]:
+    async def _probabilities(self, state: ServingState, items: Sequence[ScoreItem],
+                             field: str = "items") -> tuple[list[dict[str, float]], list[bool]]:
         if not items:
             return [], []
         policy, grader = state.policy, state.grader
@@ -184,7 +185,7 @@ class Pipeline:
                 self.metrics.grading_batch_size.observe(n_judgments)
                 start = time.perf_counter()
                 with self._stage("grade"):
-                    graded = await _grade(grader, requests)
+                    graded = await _grade(grader, requests, field)
                 self.metrics.grading_duration.observe(time.perf_counter() - start)
             fresh: dict[str, dict[str, float]] = {}
             for (i, _), result in zip(todo, graded, strict=True):
@@ -195,11 +196,23 @@ class Pipeline:
         return probs, cached
 
 
-async def _grade(grader: Any, requests: list) -> list[dict[str, float]]:
+async def _grade(grader: Any, requests: list, field: str) -> list[dict[str, float]]:
     try:
         return await grader.grade(requests)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a grader failure is the caller's 503, never a reward
+    except Exception as exc:  # noqa: BLE001 - a grader failure is the caller's 503 or 422, never a reward
         log.error("grading failed: %s: %s", type(exc).__name__, exc)
+        if getattr(exc, "retryable", True) is False and await _healthy(grader.engine):
+            # A healthy engine that says a retry cannot help: the input is at fault (e.g. a prompt longer than the
+            # grader's context). A 503 here would make clients retry the same request forever.
+            raise InvalidRequest(f"{field}: the grader cannot judge this input: {exc}", field=field) from exc
         raise EngineUnavailable(f"grader engine failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _healthy(engine: Any) -> bool:
+    health = getattr(engine, "health", None)
+    try:
+        return health is not None and bool(await health())
+    except Exception:  # noqa: BLE001 - a failing health check is an unhealthy engine
+        return False

@@ -31,7 +31,6 @@ from rbr_model.grading.engine import Engine, GradingError, Judgment  # noqa: E40
 T = TypeVar("T")
 
 ENGINE_MAX_MODEL_LEN = 4096
-ENGINE_START_TIMEOUT_S = 300
 
 
 def _cpu_defaults() -> None:
@@ -123,16 +122,14 @@ def grader_engine(grader_model_path: Path):
     """The real CPU vLLM engine on the embedded model, shared by the whole run (prefix caching on)."""
     from rbr_model.grading.vllm_engine import VLLMEngine
 
-    runner = LoopThread()
-
-    async def start() -> VLLMEngine:
-        return VLLMEngine(grader_model_path, max_model_len=ENGINE_MAX_MODEL_LEN, enable_prefix_caching=True)
-
+    # Built on this (the main) thread: vLLM forks its engine-core process, and forking from a helper thread
+    # hung the child here. Construction binds nothing to a loop; the first request starts vLLM's output handler
+    # on the loop thread, which then owns the engine.
     try:
-        inner = runner.call(start(), timeout=ENGINE_START_TIMEOUT_S)
+        inner = VLLMEngine(grader_model_path, max_model_len=ENGINE_MAX_MODEL_LEN, enable_prefix_caching=True)
     except GradingError as exc:
-        runner.stop()
         pytest.fail(f"the grader engine did not start: {exc}")
+    runner = LoopThread()
     engine = SharedEngine(inner, runner)
     yield engine
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from fastapi import APIRouter, Depends, Request
 
@@ -12,7 +13,7 @@ from rbr_model.reward import WeightsError
 from service.auth import require_admin_key
 from service.errors import InvalidRequest
 from service.protocol import ErrorResponse, ReloadRequest, ReloadResponse
-from service.routes.common import serving_state
+from service.routes.common import quote, serving_state
 from service.scoring import ServingState
 
 router = APIRouter(tags=["admin"])
@@ -32,12 +33,17 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadR
         old = serving_state(request)
         policy_path = body.policy_path or settings.policy_path
         weights_path = body.weights_path or settings.weights_path
+        for field, path in (("policy_path", body.policy_path), ("weights_path", body.weights_path)):
+            # Only regular files: a device (/dev/zero) or a FIFO would block or exhaust memory while loading.
+            if path and not os.path.isfile(path):  # isfile is False for a NUL byte or a name too long, too
+                app.state.metrics.reloads.labels("error").inc()
+                raise InvalidRequest(f"{field}: {quote(path)} is not an existing regular file", field=field)
         try:
             model = await asyncio.to_thread(load_reward_model, policy_path, weights_path)
-        except (PolicyError, WeightsError) as exc:
+        except (PolicyError, WeightsError, OSError, ValueError) as exc:
             app.state.metrics.reloads.labels("error").inc()
             field = "weights_path" if isinstance(exc, WeightsError) else "policy_path"
-            raise InvalidRequest(f"{field}: {exc}", field=field) from None
+            raise InvalidRequest(f"{field}: {str(exc)[:500]}", field=field) from None
         grader = build_grader(app.state.engine, model, settings)
         app.state.serving = ServingState(model.policy, model, grader, generation=old.generation + 1)
         app.state.metrics.reloads.labels("ok").inc()

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from service.errors import ApiError, DeadlineExceeded, EngineUnavailable, NotReady, PayloadTooLarge
+from service.errors import ApiError, DeadlineExceeded, EngineUnavailable, InvalidRequest, NotReady, PayloadTooLarge
 from service.scoring import ServingState
 
 T = TypeVar("T")
@@ -30,6 +30,17 @@ def serving_state(request: Request) -> ServingState:
 def check_text(value: str, field: str, limit: int) -> None:
     if len(value) > limit:
         raise PayloadTooLarge(f"{field}: {len(value)} characters exceeds RBR_MAX_CHARS={limit}", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in the JSON): no tokenizer can take it
+        raise InvalidRequest(f"{field}: not valid Unicode (lone surrogate at character {exc.start})",
+                             field=field) from None
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """An input value quoted in an error message, cut short: an error never echoes a whole payload back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def check_count(n: int, field: str, limit: int) -> None:

@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.auth import require_reward_key
 from service.errors import error_response
-from service.protocol import PolicyInfo
+from service.protocol import ErrorResponse, PolicyInfo
 from service.routes.common import serving_state
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """The process is alive (the engine may still be starting)."""
+async def engine_gone(app: Any) -> str | None:
+    """Why the grader engine will never serve again in this process, or None.
+
+    That is when it failed to start, or when an in-process vLLM engine fails its health check: vLLM's engine core
+    does not come back once it has died, so only a restart of the process helps. A remote engine that stops
+    answering may come back by itself: that is a readiness problem, not a liveness one.
+    """
+    state = app.state
+    if state.engine_error:
+        return f"grader engine failed to start: {state.engine_error}"
+    engine = state.engine
+    if engine is None:
+        return None  # still starting
+    dead = getattr(engine, "dead", None)  # engines that can tell a permanent failure themselves
+    if not isinstance(dead, bool):
+        health = getattr(engine, "health", None)
+        dead = state.settings.engine == "vllm" and health is not None and not await health()
+    return "the in-process grader engine has died; restart the process" if dead else None
+
+
+@router.get("/healthz", response_model=dict[str, str], responses={503: {"model": ErrorResponse}})
+async def healthz(request: Request) -> Any:
+    """The process is alive (the engine may still be starting); 503 once the grader engine is gone for good."""
+    reason = await engine_gone(request.app)
+    if reason:
+        request.app.state.metrics.engine_up.set(0)
+        return error_response(503, "engine_unavailable", reason)
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+                                  503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> Response:
     """200 once the engine is warm and policy and weights are loaded; 503 before, or when the engine is down."""
     state = request.app.state
@@ -43,7 +70,8 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/policy", response_model=PolicyInfo, dependencies=[Depends(require_reward_key)])
+@router.get("/v1/policy", response_model=PolicyInfo, dependencies=[Depends(require_reward_key)],
+            responses={code: {"model": ErrorResponse} for code in (401, 403, 503)})
 async def policy(request: Request) -> PolicyInfo:
     """The policy and weights in force: versions, response types with their propositions and classes."""
     s = serving_state(request)

@@ -8,7 +8,7 @@ from service.auth import require_reward_key
 from service.chat_text import SplitError, clean, parse_conversation, split_query
 from service.errors import InvalidRequest
 from service.protocol import ErrorResponse, OpenRLHFRequest, OpenRLHFResponse
-from service.routes.common import check_count, check_text, guarded, serving_state
+from service.routes.common import check_count, check_text, guarded, quote, serving_state
 from service.scoring import ScoreItem
 
 router = APIRouter(tags=["openrlhf"])
@@ -38,6 +38,8 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
     for i, query in enumerate(body.query):
         check_text(query, f"query[{i}]", settings.max_chars)
         prompt = body.prompts[i] if body.prompts else None
+        if prompt is not None:
+            check_text(prompt, f"prompts[{i}]", settings.max_chars)
         try:
             prompt_part, completion = split_query(query, prompt)
         except SplitError as exc:
@@ -47,13 +49,13 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
             rt = state.policy.resolve_response_type(label)
         except KeyError:
             raise InvalidRequest(
-                f"labels[{i}]: {label!r} is not a response type of policy {state.policy.name} "
+                f"labels[{i}]: {quote(label)} is not a response type of policy {state.policy.name} "
                 f"({', '.join(state.policy.classes)}, or null)", field=f"labels[{i}]") from None
         items.append(ScoreItem(parse_conversation(prompt or prompt_part), clean(completion), rt, None))
     pipeline = request.app.state.pipeline
     pipeline.check_rm_available(items, field_prefix="query")
     request.app.state.metrics.request_items.observe(n)
-    results = await guarded(request, pipeline.score(state, items, with_features=True))
+    results = await guarded(request, pipeline.score(state, items, with_features=True, field="query"))
     logs: dict[str, list[float]] = {k: [] for k in keys}
     for r in results:
         logs["rbr_reward"].append(r.rbr_reward)

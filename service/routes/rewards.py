@@ -8,7 +8,7 @@ from rbr_model.policy import Policy
 from service.auth import require_reward_key
 from service.errors import InvalidRequest
 from service.protocol import ErrorResponse, Message, RewardItem, RewardResult, RewardsRequest, RewardsResponse
-from service.routes.common import check_count, check_text, guarded, serving_state
+from service.routes.common import check_count, check_text, guarded, quote, serving_state
 from service.scoring import ScoreItem
 
 router = APIRouter(tags=["rewards"])
@@ -39,7 +39,7 @@ def to_score_items(items: list[RewardItem], policy: Policy, max_chars: int) -> l
         except KeyError:
             known = ", ".join(policy.classes)
             raise InvalidRequest(
-                f"{where}.response_type: {item.response_type!r} is not a response type of policy "
+                f"{where}.response_type: {quote(item.response_type)} is not a response type of policy "
                 f"{policy.name} ({known}, or null)", field=f"{where}.response_type") from None
         if item.id is not None:
             if item.id in seen_ids:

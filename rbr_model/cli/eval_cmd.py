@@ -1,0 +1,257 @@
+"""`rbr eval`: how well the grader agrees with human labels, and a calibration fitted on them.
+
+`rbr eval grader --gold gold_train.jsonl` grades every labelled (row, proposition), prints per-proposition
+accuracy, balanced accuracy, F1 and AUC, and writes `grader_eval.json` and `grader_eval.png`. With
+`--calibrate-out` it also measures per-proposition Platt calibration by cross-validation, fits it on all the
+rows and saves it for `RBR_CALIBRATION_PATH`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rbr_model.cli.common import fail
+
+eval_app = typer.Typer(help="Evaluate the grader against human labels.", no_args_is_help=True)
+
+JSON_NAME = "grader_eval.json"
+PLOT_NAME = "grader_eval.png"
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return out or None
+
+
+def _f(v: Any) -> str:
+    return "   -" if v is None else f"{v:.3f}"
+
+
+def format_cv(cv: Mapping[str, Any]) -> str:
+    """Before/after table of the cross-validated calibration (log-loss, Brier, accuracy, AUC)."""
+    props = cv["propositions"]
+    width = max([len("proposition"), *(len(n) for n in props)])
+    head = (f"{'proposition':<{width}}  {'n':>4} {'pos':>4}  {'logloss':>15}  {'brier':>13}  {'acc@0.5':>13}  "
+            f"{'auc':>13}")
+    lines = [head]
+
+    def pair(b: Mapping[str, Any], a: Mapping[str, Any], key: str) -> str:
+        if b[key] is None and a[key] is None:
+            return "-"
+        return f"{_f(b[key])}>{_f(a[key])}"
+
+    for name, s in props.items():
+        b, a = s["before"], s["after"]
+        lines.append(f"{name:<{width}}  {s['n']:>4} {s['positives']:>4}  {pair(b, a, 'log_loss'):>15}  "
+                     f"{pair(b, a, 'brier'):>13}  {pair(b, a, 'accuracy'):>13}  {pair(b, a, 'auc'):>13}")
+    for label, side in (("pooled", cv["overall"]["pooled"]), ("mean", cv["overall"]["mean"])):
+        b, a = side["before"], side["after"]
+        lines.append(f"{label:<{width}}  {'':>4} {'':>4}  {pair(b, a, 'log_loss'):>15}  {pair(b, a, 'brier'):>13}  "
+                     f"{pair(b, a, 'accuracy'):>13}  {pair(b, a, 'auc'):>13}")
+    return "\n".join(lines)
+
+
+async def run_evaluation(
+    engine: Any,
+    policy: Any,
+    rows: Sequence[Mapping[str, Any]],
+    label_map: Mapping[str, str],
+    out: Path,
+    *,
+    calibration: Any = None,
+    calibrate_out: Path | None = None,
+    cv_folds: int = 5,
+    seed: int = 0,
+    concurrency: int = 64,
+    progress: bool = True,
+    gold_path: str | None = None,
+    echo: Callable[[str], None] = typer.echo,
+) -> dict[str, Any]:
+    """Everything `rbr eval grader` does once it has an engine: grade, report, plot, optionally calibrate."""
+    from rbr_model.calibration import Calibration, cross_validate
+    from rbr_model.evaluate import evaluate_grader, format_table, plot_report, write_json
+    from rbr_model.grading.grader import Grader
+
+    grader = Grader(engine, policy, calibration=calibration)
+    report = await evaluate_grader(grader, rows, label_map, concurrency=concurrency, progress=progress)
+    report["gold"] = {"path": gold_path, "rows": len(rows), "seed": seed}
+    echo(format_table(report))
+    rate = report["judgments_per_s"]
+    echo(f"{report['judgments']} judgments ({report['failed']} failed) on {len(rows)} rows in "
+         f"{report['wall_s']:.0f} s ({rate or 0:.1f} judgments/s); grader {report['grader']['model_id']}")
+    for line in report["failures"][:5]:
+        echo(f"  failed: {line}")
+
+    oof = None
+    if calibrate_out is not None:
+        preds = report["predictions"]
+        raw = {n: pr["p_raw"] for n, pr in preds.items()}
+        ys = {n: pr["y"] for n, pr in preds.items()}
+        cv = cross_validate(raw, ys, folds=cv_folds, seed=seed)
+        oof = cv.pop("oof")
+        report["calibration_cv"] = cv
+        echo(f"\ncalibration, {cv_folds}-fold cross-validation on these rows (before > after):")
+        echo(format_cv(cv))
+        echo(cv["note"])
+        uncalibrated = Grader(engine, policy)
+        fitted = Calibration(fitted_for={
+            "model_id": engine.model_id,
+            "template": uncalibrated.renderer.version,
+            "grader_fingerprint_uncalibrated": uncalibrated.fingerprint,
+            "policy": policy.short_version,
+            "gold": gold_path,
+            "rows": len(rows),
+        }).fit(raw, ys)
+        fitted.save(calibrate_out)
+        calibrated_grader = Grader(engine, policy, calibration=fitted)
+        report["calibration"] = {
+            "path": str(calibrate_out),
+            "fingerprint": fitted.fingerprint,
+            "grader_fingerprint": calibrated_grader.fingerprint,
+            "propositions": fitted.to_dict()["propositions"],
+        }
+        statuses = [prm.status for prm in fitted.params_.values()]
+        echo(f"wrote {calibrate_out} ({statuses.count('fitted')} fitted, {statuses.count('flat')} flat, "
+             f"{len(statuses) - statuses.count('fitted') - statuses.count('flat')} identity); "
+             f"grader fingerprint with it {calibrated_grader.fingerprint[:12]}")
+
+    json_path = write_json(report, out / JSON_NAME)
+    png_path = plot_report(report, out / PLOT_NAME, calibrated=oof)
+    echo(f"wrote {json_path} and {png_path}")
+    return report
+
+
+def _cpu_engine_env() -> None:
+    """On a small CPU-only machine let vLLM's worker use every core (as the tests and benchmarks do): by default
+    it reserves one for the scheduler, which halves the compute threads on 2 cores. Never overrides a setting.
+    """
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    except ImportError:  # pragma: no cover
+        return
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if 0 < len(cpus) <= 4:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _build_engine(kind: str, model_path: str, remote_url: str | None, remote_model: str | None,
+                  max_model_len: int) -> Any:
+    if kind == "remote":
+        from rbr_model.grading.remote_engine import RemoteEngine
+
+        return RemoteEngine(remote_url, model=remote_model, tokenizer=model_path,
+                            api_key=os.environ.get("RBR_REMOTE_API_KEY") or None)
+    from rbr_model.grading.vllm_engine import VLLMEngine
+
+    _cpu_engine_env()
+    return VLLMEngine(model_path, max_model_len=max_model_len)
+
+
+@eval_app.command("grader")
+def grader(
+    gold: Annotated[Path, typer.Option("--gold", "-g", help="Gold JSONL: prompt, completion, propositions "
+                                       "{label: true/false} (OpenAI's gold_train.jsonl format).")],
+    policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML, ours or OpenAI's "
+                                                     "proposition_prompts.yaml (default: packaged policy).")] = None,
+    map_path: Annotated[Path | None, typer.Option("--map", help="YAML {our proposition: gold label}. Default: "
+                                                  "same names; if none match, the packaged map to OpenAI's "
+                                                  "labels.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Grade this many rows, drawn at "
+                                              "random (seeded) from the file.")] = None,
+    propositions: Annotated[list[str] | None, typer.Option("--propositions", help="Only these propositions "
+                                                           "(policy names, comma-separated or repeated).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for grader_eval.json and .png.")] = Path("out/eval"),
+    calibrate_out: Annotated[Path | None, typer.Option("--calibrate-out", help="Fit a per-proposition "
+                                                       "calibration on these rows, report its cross-validated "
+                                                       "effect, save it here.")] = None,
+    calibration_path: Annotated[Path | None, typer.Option("--calibration", help="Apply this calibration JSON "
+                                                          "to P(yes) before the metrics.")] = None,
+    cv_folds: Annotated[int, typer.Option("--cv-folds", min=2, help="Folds for the calibration "
+                                          "cross-validation.")] = 5,
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="RBR_GRADER_MODEL", help="Grader model "
+                                              "path (default: the embedded SmolLM2-135M); with --engine remote, "
+                                              "its tokenizer.")] = None,
+    engine: Annotated[str, typer.Option("--engine", envvar="RBR_ENGINE", help="vllm (in process) or remote "
+                                        "(an OpenAI-compatible vLLM server).")] = "vllm",
+    remote_url: Annotated[str | None, typer.Option("--remote-url", envvar="RBR_REMOTE_URL",
+                                                   help="Remote vLLM base URL (--engine remote).")] = None,
+    remote_model: Annotated[str | None, typer.Option("--remote-model", envvar="RBR_REMOTE_MODEL",
+                                                     help="Served model name on the remote server.")] = None,
+    max_model_len: Annotated[int, typer.Option("--max-model-len", help="Longest grading prompt in "
+                                               "tokens.")] = 4096,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Judgments in flight at "
+                                             "once.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --limit sampling and the CV folds.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Per-proposition accuracy, balanced accuracy, F1 and AUC of the grader against human labels."""
+    from rbr_model.calibration import Calibration, CalibrationError
+    from rbr_model.evaluate import GoldError, load_gold, load_label_map, resolve_label_map, subsample
+    from rbr_model.policy import PolicyError, load_policy
+
+    if engine not in ("vllm", "remote"):
+        raise fail(f"--engine must be vllm or remote, not {engine!r}")
+    if engine == "remote" and not remote_url:
+        raise fail("--engine remote needs --remote-url (or RBR_REMOTE_URL)")
+    try:
+        rows = load_gold(gold)
+        policy = load_policy(policy_path)
+        label_map = load_label_map(map_path) if map_path is not None else None
+        names = _split(propositions)
+        try:
+            mapping = resolve_label_map(policy, rows, label_map, names)
+        except GoldError:
+            if label_map is not None:
+                raise
+            mapping = resolve_label_map(policy, rows, load_label_map(None), names)  # the packaged map
+            typer.echo(f"policy names differ from the gold labels: using the packaged map ({len(mapping)} "
+                       "propositions; see rbr_model/data/openai_label_map.yaml)", err=True)
+        calibration = Calibration.load(calibration_path) if calibration_path is not None else None
+    except (GoldError, PolicyError, CalibrationError) as exc:
+        raise fail(str(exc)) from None
+    rows = subsample(rows, limit, seed)
+
+    if model is None:
+        from rbr_model import models
+
+        try:
+            model = str(models.prepare())
+        except models.ModelError as exc:
+            raise fail(str(exc)) from None
+    if calibration is not None:
+        fitted_model = calibration.fitted_for.get("model_id")
+        if fitted_model and fitted_model != Path(model.rstrip("/")).name and engine == "vllm":
+            typer.secho(f"warning: the calibration was fitted for {fitted_model}", err=True,
+                        fg=typer.colors.YELLOW)
+
+    from rbr_model.grading.engine import GradingError
+
+    async def main() -> None:
+        eng = _build_engine(engine, model, remote_url, remote_model, max_model_len)
+        try:
+            await run_evaluation(eng, policy, rows, mapping, out, calibration=calibration,
+                                 calibrate_out=calibrate_out, cv_folds=cv_folds, seed=seed,
+                                 concurrency=concurrency, progress=progress, gold_path=str(gold))
+        finally:
+            await eng.close()
+
+    try:
+        asyncio.run(main())
+    except GradingError as exc:
+        raise fail(f"grading failed: {exc}", code=1) from None
+
+
+if __name__ == "__main__":  # `python -m rbr_model.cli.eval_cmd grader ...`; vLLM's engine core needs the guard
+    eval_app()

@@ -1,0 +1,135 @@
+"""`rbr synth`: write graded, labelled synthetic completions (the input of `rbr fit`)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rbr_model.cli.common import fail
+from rbr_model.policy import PolicyError, load_policy
+from rbr_model.synth import (
+    ROWS_FILE,
+    SynthConfig,
+    SynthError,
+    Synthesizer,
+    load_expectations,
+    load_labels,
+    load_prompts,
+    policy_response_type,
+)
+
+_D = SynthConfig()
+
+
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: completions.jsonl (every attempt), "
+                                      "rows.jsonl (for `rbr fit`), synth.json. An existing one is resumed.")],
+    prompts_path: Annotated[Path | None, typer.Option("--prompts", help="JSONL prompts: prompt_id, response_type, "
+                                                      "messages (default: the packaged 71 prompts).")] = None,
+    policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: packaged).")] = None,
+    labels_path: Annotated[Path | None, typer.Option("--labels", help="YAML {response_type: {label: instruction}} "
+                                                     "for the behaviour policy (default: packaged).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model folder for vLLM, used both to write "
+                                               "and to grade (default: the embedded SmolLM2-135M).")] = None,
+    samples: Annotated[int, typer.Option("--samples", "-k", help="Completions per (prompt, label).")] = _D.samples,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest completion, in tokens.")] = _D.max_tokens,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = _D.temperature,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; each attempt gets its own.")] = _D.seed,
+    seeded: Annotated[bool | None, typer.Option("--seeded/--unseeded", help="Per-attempt sampling seeds (default: "
+                                                "on, except on vLLM's CPU backend, which crashes on them).")] = None,
+    reject_contradictions: Annotated[bool, typer.Option(
+        "--reject-contradictions", help="Reject (and resample) a completion whose most likely class does not "
+        "fit its target label.")] = False,
+    max_resamples: Annotated[int, typer.Option("--max-resamples", help="Extra attempts per completion after a "
+                                               "rejected, duplicate or empty one.")] = _D.max_resamples,
+    expectations: Annotated[Path | None, typer.Option("--expectations", help="YAML {response_type: {label: "
+                                                      "[classes]}} replacing the built-in table.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    response_type: Annotated[list[str] | None, typer.Option("--response-type", "-t", help="Only prompts of this "
+                                                            "response type (repeatable).")] = None,
+    no_rm: Annotated[bool, typer.Option("--no-rm", help="No reward model: every rm_score is 0.")] = False,
+    rm_model: Annotated[str | None, typer.Option("--rm-model", help="Reward model folder (in-process vLLM).")] = None,
+    rm_url: Annotated[str | None, typer.Option("--rm-url", help="Reward model server URL (vLLM --runner "
+                                               "pooling).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Completions in progress at once.")] = (
+        _D.concurrency),
+    max_model_len: Annotated[int, typer.Option("--max-model-len", help="Engine context length.")] = 4096,
+    hash_only: Annotated[bool, typer.Option("--hash-only", help="Keep only a hash of each completion in "
+                                            "completions.jsonl, not its text.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Ask a behaviour policy for completions of every label, grade them, and write rows for `rbr fit`."""
+    if sum(map(bool, (no_rm, rm_model, rm_url))) != 1:
+        raise fail("choose one of --no-rm, --rm-model PATH or --rm-url URL")
+    config = SynthConfig(samples=samples, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                         reject_contradictions=reject_contradictions, max_resamples=max_resamples,
+                         concurrency=concurrency, store_text=not hash_only, seeded=seeded)
+    try:
+        config.check()
+        policy = load_policy(policy_path)
+        prompts = load_prompts(prompts_path, policy)
+        labels = load_labels(labels_path)
+        table = load_expectations(expectations, policy) if expectations is not None else None
+    except (PolicyError, SynthError) as exc:
+        raise fail(str(exc)) from None
+    if response_type:
+        wanted = {policy_response_type(policy, rt) or rt for rt in response_type}
+        prompts = [p for p in prompts if p.response_type in wanted]
+    if limit is not None:
+        prompts = prompts[: max(limit, 0)]
+    if not prompts:
+        raise fail("no prompts left to do")
+
+    model_path = model
+    if model_path is None:
+        from rbr_model import models
+
+        try:
+            model_path = models.prepare()
+        except models.ModelError as exc:
+            raise fail(str(exc)) from None
+
+    try:
+        result = asyncio.run(_run(model_path, max_model_len, rm_model, rm_url, policy, prompts, out, config,
+                                  labels, table, progress))
+    except SynthError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(
+        f"{result.n_keys} completions asked ({result.n_done_before} already done): {result.n_generations} sampled, "
+        f"{result.n_judgments} judgments, {result.n_accepted} accepted, {result.n_rejected} rejected, "
+        f"{result.n_duplicates} duplicate, {result.n_empty} empty, {result.n_exhausted} gave up; "
+        f"{result.seconds:.0f} s"
+    )
+    typer.echo(f"wrote {out / ROWS_FILE} ({result.n_rows} rows)")
+
+
+async def _run(model_path: Path, max_model_len: int, rm_model: str | None, rm_url: str | None, policy: Any,
+               prompts: Any, out: Path, config: SynthConfig, labels: Any, table: Any, progress: bool) -> Any:
+    from rbr_model.grading.engine import GradingError
+    from rbr_model.grading.vllm_engine import VLLMEngine
+    from rbr_model.rm import RMError, build_rm_engine
+
+    try:
+        engine = VLLMEngine(model_path, max_model_len=max_model_len)
+    except GradingError as exc:
+        raise SynthError(str(exc)) from None
+    rm = None
+    try:
+        if rm_model or rm_url:
+            try:
+                rm = await asyncio.to_thread(build_rm_engine, "remote" if rm_url else "vllm", rm_model, rm_url,
+                                             max_model_len=max_model_len)
+            except (RMError, ValueError) as exc:
+                raise SynthError(f"reward model: {exc}") from None
+        synth = Synthesizer(engine, policy, rm_engine=rm, labels=labels, expectations=table, config=config)
+        try:
+            return await synth.run(prompts, out, progress=progress)
+        except (GradingError, RMError) as exc:
+            raise SynthError(f"{exc} (the work done so far is saved; run again to resume)") from None
+    finally:
+        if rm is not None:
+            await rm.close()
+        await engine.close()
