@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 from redis_server import RedisServer
-from test_reliability import CONV, READY_TIMEOUT_S, _item, app_on, asgi_client, metric, report, unique
+from test_reliability import CONV, _item, app_on, asgi_client, metric, report, unique
 
 pytestmark = [pytest.mark.reliability, pytest.mark.engine]
 
@@ -110,21 +110,16 @@ def _is_engine_core(proc: psutil.Process) -> bool:
 
 
 async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
-    from conftest import LoopThread, SharedEngine
-
     from rbr_model.grading.vllm_engine import VLLMEngine
 
     before = _descendants()
-    runner = LoopThread("doomed-engine-loop")
-
-    async def build() -> VLLMEngine:
-        # Stats logging off: vLLM's Prometheus logger would unregister the shared engine's series.
-        return VLLMEngine(grader_model_path, max_model_len=2048, engine_kwargs={"disable_log_stats": True})
-
     started = time.perf_counter()
-    inner = runner.call(build(), timeout=READY_TIMEOUT_S)
+    # Built on the main thread, as conftest.py builds the shared one (vLLM forks its engine core; forking from a
+    # helper thread can hang the child). Built inside this running loop, vLLM binds its output handler to it, so
+    # the engine is used from this loop only (the app below runs here too). Loading blocks the loop meanwhile.
+    # Stats logging off: vLLM's Prometheus logger would unregister the shared engine's series.
+    engine = VLLMEngine(grader_model_path, max_model_len=2048, engine_kwargs={"disable_log_stats": True})
     start_s = time.perf_counter() - started
-    engine = SharedEngine(inner, runner)
     spawned = {pid: p for pid, p in _descendants().items() if pid not in before}
     cores = [p for p in spawned.values() if _is_engine_core(p)]
     codes: Counter[int] = Counter()
@@ -185,8 +180,7 @@ async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
             assert engine_up == 0
     finally:
         with contextlib.suppress(Exception):  # the engine is dead; closing it is best effort
-            runner.call(inner.close(), timeout=60)
-        runner.stop()
+            await asyncio.wait_for(engine.close(), 60)
         for proc in spawned.values():  # nothing of the dead engine outlives the test
             with contextlib.suppress(psutil.Error):
                 proc.kill()

@@ -90,6 +90,7 @@ class VLLMEngine(Engine):
             dtype=self.dtype,
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
+            logprobs_mode="raw_logprobs",  # vLLM's default, stated: the yes/no mass needs unmasked values
             disable_log_stats=False,
         )
         if max_num_batched_tokens is not None:
