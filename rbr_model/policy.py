@@ -178,8 +178,12 @@ def read_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        key = "duplicate name" if "duplicate name" in str(exc) else "<file>"
-        raise PolicyError(source, key, f"not valid YAML: {exc}") from exc
+        # Say where and what, never echo the file's text (an admin reload may point at any file).
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        key = "duplicate name" if "duplicate name" in problem else "<file>"
+        raise PolicyError(source, key, f"not valid YAML{where}: {problem}") from exc
 
 
 def normalise_label(name: str) -> str:
