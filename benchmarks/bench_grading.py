@@ -170,23 +170,42 @@ async def run_ours(engine, policy, pairs, props, args):
         bar.update(len(props))
         return res[0]
 
-    start = time.perf_counter()
+    cpu0, start = cpu_seconds(), time.perf_counter()
     results = await asyncio.gather(*(one(it) for it in items))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     bar.close()
     judged = [res[p] for res in results for p in props]
-    return judged, elapsed, grader
+    return judged, elapsed, cpu, grader
 
 
 async def run_naive(engine, prompts):
     from tqdm import tqdm
 
     judged = []
-    start = time.perf_counter()
+    cpu0, start = cpu_seconds(), time.perf_counter()
     for prompt in tqdm(prompts, desc="naive (one at a time, no cache)", unit="judgment"):
         (j,) = await engine.grade([prompt])
         judged.append(j)
-    return judged, time.perf_counter() - start
+    return judged, time.perf_counter() - start, cpu_seconds() - cpu0
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and all its descendants (vLLM's engine core and worker).
+
+    On a shared machine wall-clock rates depend on what else runs; CPU-seconds per judgment mostly do not, so
+    both are reported.
+    """
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def computed(judgments) -> float:
@@ -222,17 +241,20 @@ async def main(args) -> dict:
           f"{args.completions_per_conversation} completion(s) each) x {len(props)} propositions "
           f"= {len(pairs) * len(props)} judgments; engine start {boot:.0f} s", flush=True)
     try:
-        ours, ours_s, grader = await run_ours(ours_engine, policy, pairs, props, args)
+        ours, ours_s, ours_cpu, grader = await run_ours(ours_engine, policy, pairs, props, args)
     finally:
         await ours_engine.close()
 
+    # The naive grader gets every item, or an evenly spaced subset (not a prefix: item lengths vary).
+    k = min(args.naive_limit or len(pairs), len(pairs))
+    chosen = sorted({round(i * len(pairs) / k) for i in range(k)})
+    naive_idx = [i * len(props) + j for i in chosen for j in range(len(props))]
     prompts = [grader.render(c, a, p) for c, a in pairs for p in props]
-    k = args.naive_limit or len(pairs)
-    naive, naive_s = [], 0.0
+    naive, naive_s, naive_cpu = [], 0.0, 0.0
     if not args.skip_naive:
         naive_engine = engine(False)
         try:
-            naive, naive_s = await run_naive(naive_engine, prompts[: k * len(props)])
+            naive, naive_s, naive_cpu = await run_naive(naive_engine, [prompts[i] for i in naive_idx])
         finally:
             await naive_engine.close()
 
@@ -252,16 +274,19 @@ async def main(args) -> dict:
         "block_size": args.block_size,
         "ours_s": ours_s,
         "ours_jps": n / ours_s,
+        "ours_cpu_s": ours_cpu,
         "ours_prompt_tokens": statistics.mean(j.prompt_tokens for j in ours),
         "ours_computed_tokens": computed(ours),
         "layouts": layouts,
     }
     if naive:
-        diffs = [abs(a.p_yes - b.p_yes) for a, b in zip(ours, naive, strict=False)]
+        diffs = [abs(ours[i].p_yes - b.p_yes) for i, b in zip(naive_idx, naive, strict=True)]
         fig.update(
             naive_judgments=len(naive),
             naive_s=naive_s,
             naive_jps=len(naive) / naive_s,
+            naive_cpu_s=naive_cpu,
+            speedup_cpu=(n / ours_cpu) / (len(naive) / naive_cpu),
             naive_computed_tokens=computed(naive),
             naive_prompt_tokens=statistics.mean(j.prompt_tokens for j in naive),
             speedup=(n / ours_s) / (len(naive) / naive_s),
@@ -278,19 +303,24 @@ def report(fig: dict) -> str:
         f"({fig['response_type']}, policy {fig['policy']}) = {fig['judgments']} judgments; model {fig['model']} "
         f"({fig['dtype']}); layout {fig['layout']}.",
         "",
-        "| grader | judgments | seconds | judgments/s | prompt tokens/judgment | prefill tokens/judgment |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| grader | judgments | wall s | judgments/s | CPU s | judgments/CPU-s | prompt tokens/judgment "
+        "| prefill tokens/judgment |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| ours (batched, in-flight dedup, prefix cache) | {fig['judgments']} | {fig['ours_s']:.1f} | "
-        f"{fig['ours_jps']:.2f} | {fig['ours_prompt_tokens']:.0f} | {fig['ours_computed_tokens']:.0f} |",
+        f"{fig['ours_jps']:.2f} | {fig['ours_cpu_s']:.0f} | {fig['judgments'] / fig['ours_cpu_s']:.3f} | "
+        f"{fig['ours_prompt_tokens']:.0f} | {fig['ours_computed_tokens']:.0f} |",
     ]
     if "naive_jps" in fig:
         lines.append(
             f"| naive (one at a time, no prefix cache) | {fig['naive_judgments']} | {fig['naive_s']:.1f} | "
-            f"{fig['naive_jps']:.2f} | {fig['naive_prompt_tokens']:.0f} | {fig['naive_computed_tokens']:.0f} |"
+            f"{fig['naive_jps']:.2f} | {fig['naive_cpu_s']:.0f} | "
+            f"{fig['naive_judgments'] / fig['naive_cpu_s']:.3f} | {fig['naive_prompt_tokens']:.0f} | "
+            f"{fig['naive_computed_tokens']:.0f} |"
         )
         lines += [
             "",
-            f"Speed-up: {fig['speedup']:.2f}x judgments/s. P(yes) ours vs naive: max |diff| "
+            f"Speed-up: {fig['speedup']:.2f}x judgments/s (wall clock), {fig['speedup_cpu']:.2f}x judgments per "
+            f"CPU-second. P(yes) ours vs naive: max |diff| "
             f"{fig['max_abs_diff']:.1e}, mean {fig['mean_abs_diff']:.1e} (over {fig['naive_judgments']}).",
         ]
     lines += ["", "Prefill tokens per judgment by layout (exact simulation of an unbounded prefix cache, "

@@ -33,8 +33,9 @@ METHOD = "platt-logit-1"  # part of the fingerprint: bump if the formula or the 
 P_EPS = 1e-6  # P(yes) is clipped to [eps, 1 - eps] before the logit
 CV_NOTE = (
     "A single increasing map leaves a proposition's AUC unchanged; in cross-validation each held-out fold gets "
-    "its own map, so out-of-fold AUC can move a little. Calibration shows its effect in log-loss, Brier score "
-    "and accuracy at 0.5, not in ranking."
+    "its own map (a flat one turns the fold's scores into ties), so out-of-fold AUC moves, the more the fewer "
+    "labels. Pooled AUC mixes propositions, whose maps shift them against each other, so it can move either way. "
+    "Calibration shows its effect in log-loss, Brier score and accuracy at 0.5, not in ranking."
 )
 
 

@@ -266,6 +266,22 @@ def resolve_label_map(
     return mapping
 
 
+def default_label_map(policy: Policy, rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str] | None, str]:
+    """The map to use when none is given, and a few words on why.
+
+    Same names when every proposition of the policy is a gold label (OpenAI's YAML against OpenAI's labels);
+    otherwise the packaged map to OpenAI's labels when the policy and the gold set both fit it; otherwise same
+    names wherever they agree.
+    """
+    gold_names = {name for row in rows for name in row["labels"]}
+    if set(policy.propositions) <= gold_names:
+        return None, "policy names are the gold label names"
+    packaged = load_label_map(None)
+    if set(packaged) <= set(policy.propositions) and set(packaged.values()) <= gold_names:
+        return packaged, f"packaged map rbr_model/data/{OPENAI_LABEL_MAP} ({len(packaged)} propositions)"
+    return None, "only the propositions named like a gold label (no --map given)"
+
+
 def subsample(rows: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
     """`limit` rows drawn at random (seeded) and kept in file order; all rows when `limit` is None or larger.
 

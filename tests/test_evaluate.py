@@ -347,3 +347,15 @@ async def test_evaluate_grader_on_gold_rows(grader_engine, tmp_path):
     assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Calibration.load(tmp_path / "c.json").fitted_for["model_id"] == grader_engine.model_id
     assert any("judgments/s" in line for line in lines)
+
+
+def test_default_label_map_choice():
+    from rbr_model.evaluate import default_label_map
+
+    ours = load_policy(None)
+    packaged = load_label_map(None)
+    openai_like = [{"labels": {label: False for label in [*packaged.values(), "disclaimer"]}}]
+    mapping, why = default_label_map(ours, openai_like)
+    assert mapping == packaged and "packaged" in why  # not only the few names both policies share
+    assert default_label_map(ours, [{"labels": {n: True for n in ours.propositions}}])[0] is None
+    assert default_label_map(ours, [{"labels": {"apology": True}}])[0] is None  # same names where they agree

@@ -198,7 +198,14 @@ def grader(
 ) -> None:
     """Per-proposition accuracy, balanced accuracy, F1 and AUC of the grader against human labels."""
     from rbr_model.calibration import Calibration, CalibrationError
-    from rbr_model.evaluate import GoldError, load_gold, load_label_map, resolve_label_map, subsample
+    from rbr_model.evaluate import (
+        GoldError,
+        default_label_map,
+        load_gold,
+        load_label_map,
+        resolve_label_map,
+        subsample,
+    )
     from rbr_model.policy import PolicyError, load_policy
 
     if engine not in ("vllm", "remote"):
@@ -208,16 +215,12 @@ def grader(
     try:
         rows = load_gold(gold)
         policy = load_policy(policy_path)
-        label_map = load_label_map(map_path) if map_path is not None else None
-        names = _split(propositions)
-        try:
-            mapping = resolve_label_map(policy, rows, label_map, names)
-        except GoldError:
-            if label_map is not None:
-                raise
-            mapping = resolve_label_map(policy, rows, load_label_map(None), names)  # the packaged map
-            typer.echo(f"policy names differ from the gold labels: using the packaged map ({len(mapping)} "
-                       "propositions; see rbr_model/data/openai_label_map.yaml)", err=True)
+        if map_path is not None:
+            label_map, why = load_label_map(map_path), f"map {map_path}"
+        else:
+            label_map, why = default_label_map(policy, rows)
+        mapping = resolve_label_map(policy, rows, label_map, _split(propositions))
+        typer.echo(f"comparing {len(mapping)} propositions with gold labels: {why}", err=True)
         calibration = Calibration.load(calibration_path) if calibration_path is not None else None
     except (GoldError, PolicyError, CalibrationError) as exc:
         raise fail(str(exc)) from None

@@ -8,7 +8,8 @@ each of them (a vLLM extension of the completions API). Token ids come back as `
 `GradingError` rather than guessing from a partial top-k.
 
 The yes/no ids are discovered from the served tokenizer: a local copy when `tokenizer` is given (a Hugging Face
-tokenizer or a path to load one from), otherwise the server's `/tokenize` endpoint.
+tokenizer or a path to load one from; `model` itself when it is a local folder), otherwise the server's
+`/tokenize` endpoint. The `Grader` also needs the local copy, for the chat template.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class RemoteEngine(Engine):
         self.model = model
         self._model_id = model_id
         self.batch_size = max(1, batch_size)
+        if tokenizer is None and model and Path(model).is_dir():
+            tokenizer = model  # served by path: the same folder holds the tokenizer
         if isinstance(tokenizer, (str, Path)):
             from transformers import AutoTokenizer
 
