@@ -166,8 +166,8 @@ def grader(
     policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML, ours or OpenAI's "
                                                      "proposition_prompts.yaml (default: packaged policy).")] = None,
     map_path: Annotated[Path | None, typer.Option("--map", help="YAML {our proposition: gold label}. Default: "
-                                                  "same names; if none match, the packaged map to OpenAI's "
-                                                  "labels.")] = None,
+                                                  "same names when every proposition is a gold label, else the "
+                                                  "packaged map to OpenAI's labels.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Grade this many rows, drawn at "
                                               "random (seeded) from the file.")] = None,
     propositions: Annotated[list[str] | None, typer.Option("--propositions", help="Only these propositions "
