@@ -245,11 +245,14 @@ async def main(args) -> dict:
     finally:
         await ours_engine.close()
 
-    # The naive grader gets every item, or an evenly spaced subset (not a prefix: item lengths vary).
-    k = min(args.naive_limit or len(pairs), len(pairs))
-    chosen = sorted({round(i * len(pairs) / k) for i in range(k)})
-    naive_idx = [i * len(props) + j for i in chosen for j in range(len(props))]
+    # The naive grader gets every item, or a subset spread evenly over the items sorted by prompt length, so its
+    # prompts are as long on average as the full set's (a prefix or a stride is not: lengths vary a lot).
     prompts = [grader.render(c, a, p) for c, a in pairs for p in props]
+    k = min(args.naive_limit or len(pairs), len(pairs))
+    by_len = sorted(range(len(pairs)), key=lambda i: sum(ours[i * len(props) + j].prompt_tokens
+                                                         for j in range(len(props))))
+    chosen = sorted(by_len[int((q + 0.5) * len(pairs) / k)] for q in range(k))
+    naive_idx = [i * len(props) + j for i in chosen for j in range(len(props))]
     naive, naive_s, naive_cpu = [], 0.0, 0.0
     if not args.skip_naive:
         naive_engine = engine(False)
