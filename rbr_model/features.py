@@ -78,11 +78,8 @@ class FeatureSpec:
     # ---- computing ------------------------------------------------------------------------------------
     def matrix(self, probs: Sequence[Mapping[str, float]]) -> np.ndarray:
         """Rows of {proposition: P(yes)} to an [n, propositions] array; a missing needed one is a KeyError."""
-        p = np.empty((len(probs), len(self.propositions)))
-        for i, row in enumerate(probs):
-            for j, name in enumerate(self.propositions):
-                p[i, j] = float(row[name])
-        return p
+        names = self.propositions
+        return np.array([[row[name] for name in names] for row in probs], dtype=float).reshape(len(probs), len(names))
 
     def class_probabilities(self, p: np.ndarray, normalise: bool = True) -> np.ndarray:
         """[n, propositions] -> [n, classes]; rows sum to 1 unless no class has any mass (then all 0)."""

@@ -5,7 +5,8 @@ the orderings say a's label beats b's label:
 
     loss_ab = max(0, margin_ab - (R_a - R_b)),   R = rm_score + w · features
 
-averaged over the training pairs, plus ``weight_decay * |w|²``. In "no RM" mode ``rm_score`` is taken as 0,
+averaged over the training pairs, plus ``weight_decay * |w - w0|²`` where ``w0`` is the prior (zero unless a
+``prior`` weights table is given). In "no RM" mode ``rm_score`` is taken as 0,
 so the weights alone must rank the completions. Each response type gets its own weight vector.
 
 Choices worth knowing (each one is also recorded in the weights file's ``metrics["settings"]``):
@@ -17,6 +18,8 @@ Choices worth knowing (each one is also recorded in the weights file's ``metrics
   pair of labels; a key ``"better"`` applies to every pair that label wins. The pair key is checked first.
   Values are absolute margins in reward units, not multipliers.
 * The held-out split is by prompt id, over all response types together, so no prompt is in both halves.
+* A prior keeps a refit close to known-good weights where the data says little: the fit solves for the
+  change ``d = w - w0`` with the margins shifted by the prior's gaps, so the solver is the same.
 * Pair accuracy counts a tie as half right: all-zero weights score 0.5, not 0 or 1.
 * Solver ``"newton"`` (default) minimises the hinge smoothed over a narrow band around its kink, with Newton
   steps and an exact line search, narrowing the band in stages (``SMOOTHING_STAGES``) down to 1e-3 of the
@@ -589,8 +592,9 @@ class HingeFitter:
     without pulling the weights away from the hinge optimum (the paper's fitter uses none); ``no_rm`` fits
     the weights as if every rm_score were 0; ``heldout_fraction`` and ``seed`` pick the held-out prompts;
     ``steps`` caps solver iterations per response type (None: 200 Newton / 3000 Adam; both stop early);
-    ``lr`` is Adam's learning rate; ``tol`` the stopping tolerance; ``callback(response_type, step, budget)``
-    is called after each step (for progress bars).
+    ``lr`` is Adam's learning rate; ``tol`` the stopping tolerance; ``prior`` ({response type: {feature:
+    weight}} or a `Weights`) is what the L2 penalty pulls toward instead of zero;
+    ``callback(response_type, step, budget)`` is called after each step (for progress bars).
 
     Learned values end in ``_``: ``weights_`` (a `Weights`, ready to save; its ``metrics`` hold
     ``settings``, ``response_types`` and ``skipped_response_types``), ``metrics_`` (per response type),
@@ -610,6 +614,7 @@ class HingeFitter:
         solver: str = "newton",
         tol: float = 1e-6,
         callback: Callback | None = None,
+        prior: Weights | Mapping[str, Mapping[str, float]] | None = None,
     ):
         self.margin = margin
         self.label_margins = label_margins
@@ -622,6 +627,7 @@ class HingeFitter:
         self.solver = solver
         self.tol = tol
         self.callback = callback
+        self.prior = prior
 
     # -- parameter checks, at the boundary
     def _settings(self) -> dict[str, Any]:
@@ -652,6 +658,7 @@ class HingeFitter:
             "lr": float(self.lr) if self.solver == "adam" else None,
             "orderings_closure": "transitive",
             "label_margin_keys": "better label, or 'better>worse' (pair key wins)",
+            "prior": _prior_id(self.prior),
         }
 
     def fit(
@@ -702,7 +709,8 @@ class HingeFitter:
             idx = np.flatnonzero(rt_code == rt_index[rt])
             names = _pick_feature_names(rt, [cols.features[i] for i in idx], policy, feature_names)
             self.feature_names_[rt] = names
-            w, m = self._fit_one(rt, cols, idx, held_rows[idx], names, table[rt], label_margins, settings)
+            w0 = _prior_vector(self.prior, rt, names, policy)
+            w, m = self._fit_one(rt, cols, idx, held_rows[idx], names, table[rt], label_margins, settings, w0)
             weights[rt] = dict(zip(names, map(float, w), strict=True))
             metrics[rt] = m
         self.metrics_ = metrics
@@ -729,6 +737,7 @@ class HingeFitter:
         order: Mapping[str, Sequence[str]],
         label_margins: Mapping[str, float],
         settings: dict[str, Any],
+        w0: np.ndarray,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         x = _feature_matrix(cols, idx, names)
         rm = np.zeros(idx.size) if self.no_rm else cols.rm[idx]
@@ -743,11 +752,13 @@ class HingeFitter:
 
         a_tr, b_tr = a[tr], b[tr]
         scale = float(pair_m[tr].mean()) if tr.any() else 0.0
+        prior_score = x @ w0  # the solver finds d = w - w0: the prior's gaps count like RM gaps
+        base = rm + prior_score
         problem = _Problem(
             x=x,
             a=a_tr,
             b=b_tr,
-            c=pair_m[tr] - (rm[a_tr] - rm[b_tr]),
+            c=pair_m[tr] - (base[a_tr] - base[b_tr]),
             lam=float(self.weight_decay),
             scale=scale if scale > 0 else 1.0,
         )
@@ -761,6 +772,8 @@ class HingeFitter:
             w, used, converged = _solve_newton(problem, steps, self.tol, report)
         else:
             w, used, converged = _solve_adam(problem, steps, float(self.lr), self.tol, report)
+        objective = problem.objective(w)
+        w = w0 + w
 
         score = rm + x @ w
         diff = score[a] - score[b]
@@ -774,11 +787,41 @@ class HingeFitter:
             "n_heldout_pairs": int(ho.sum()),
             **{f"train_{k}": v for k, v in train.items()},
             **{f"heldout_{k}": v for k, v in heldout.items()},
-            "objective": problem.objective(w),
+            "objective": objective,
             "steps_run": used,
             "converged": converged,
         }
         return w, metrics
+
+
+def _prior_id(prior: Any) -> Any:
+    if prior is None:
+        return None
+    if isinstance(prior, Weights):
+        return {"weights_version": prior.version, "grader_id": prior.grader_id}
+    return "table"
+
+
+def _prior_vector(prior: Any, rt: str, names: Sequence[str], policy: Policy | None) -> np.ndarray:
+    """The prior's weights for one response type in `names` order; features it lacks get 0."""
+    if prior is None:
+        return np.zeros(len(names))
+    table = prior.weights if isinstance(prior, Weights) else prior
+    if not isinstance(table, Mapping):
+        raise ValueError(f"prior: expected {{response type: {{feature: weight}}}}, got {type(table).__name__}")
+    row: Any = table.get(rt)
+    if row is None and policy is not None:
+        for key, value in table.items():
+            try:
+                if _resolve(policy, key) == rt:
+                    row = value
+            except ValueError:
+                continue
+    row = row or {}
+    bad = [f for f, v in row.items() if not _finite_number(v)]
+    if bad:
+        raise ValueError(f"prior: {rt}.{bad[0]}: expected a finite number")
+    return np.array([float(row.get(name, 0.0)) for name in names])
 
 
 # ---- rows as columns -------------------------------------------------------------------------------------

@@ -110,29 +110,46 @@ class Pipeline:
         rm_scores = await self._rm_scores(items)
         graded = [i for i, item in enumerate(items) if item.response_type is not None]
         probs, cached = await self._probabilities(state, [items[i] for i in graded], field)
+        # One matrix product per response type, not one per item: the cached path is mostly this loop.
+        by_type: dict[str, list[int]] = {}
+        for j, i in enumerate(graded):
+            by_type.setdefault(items[i].response_type, []).append(j)  # type: ignore[arg-type]
+        rbr_of: dict[int, float] = {}
+        features_of: dict[int, Any] = {}
+        for rt, rows in by_type.items():
+            spec = state.model.features[rt]
+            x = spec.features(spec.matrix([probs[j] for j in rows]))
+            for j, value, row in zip(rows, state.model.rbr(rt, x).tolist(), x.tolist(), strict=True):
+                rbr_of[j] = value
+                features_of[j] = row
         results: list[ScoreResult] = []
         by_index = dict(zip(graded, range(len(graded)), strict=True))
         for i, item in enumerate(items):
             rm = rm_scores[i]
             rt = item.response_type
-            self.metrics.items.labels(rt or "none").inc()
             if rt is None:
                 results.append(ScoreResult(item.id, rm, 0.0, rm, None))
-                self.metrics.rewards.labels("none").observe(rm)
                 continue
             j = by_index[i]
-            spec = state.model.features[rt]
-            x = spec.features(spec.matrix([probs[j]]))
-            rbr = float(state.model.rbr(rt, x)[0])
-            total = RewardModel.total(rm, rbr)
-            self.metrics.rewards.labels(rt).observe(total)
-            res = ScoreResult(item.id, total, rbr, rm, rt, cached=cached[j])
+            rbr = rbr_of[j]
+            res = ScoreResult(item.id, RewardModel.total(rm, rbr), rbr, rm, rt, cached=cached[j])
             if with_features:
-                values = dict(zip(spec.feature_names, map(float, x[0]), strict=True))
+                names = state.model.features[rt].feature_names
+                values = dict(zip(names, features_of[j], strict=True))
                 res.features = {k: v for k, v in values.items() if not k.startswith(CLASS_PREFIX)}
                 res.classes = {k[len(CLASS_PREFIX):]: v for k, v in values.items() if k.startswith(CLASS_PREFIX)}
             results.append(res)
+        self._observe(results)
         return results
+
+    def _observe(self, results: Sequence[ScoreResult]) -> None:
+        counts: dict[str, int] = {}
+        for r in results:
+            label = r.response_type or "none"
+            counts[label] = counts.get(label, 0) + 1
+            self.metrics.rewards.labels(label).observe(r.reward)
+        for label, n in counts.items():
+            self.metrics.items.labels(label).inc(n)
 
     def check_rm_available(self, items: Sequence[ScoreItem], field_prefix: str = "items") -> None:
         """Fail fast (422) before any grading when an item has no way to get an RM score."""

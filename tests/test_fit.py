@@ -81,6 +81,27 @@ def test_recovers_known_ordering_on_heldout_prompts():
     assert pair_accuracy(held, ORDER, scores_of(held, fitter.weights_)) == pytest.approx(m["heldout_pair_accuracy"])
 
 
+def test_prior_pulls_the_fit_toward_it_and_data_still_moves_it():
+    rows = make_rows(prompts=60, noise=0.12)
+    prior = {"refuse": {f"f{j}": float(v) for j, v in enumerate([-1.0, 1.0, -1.0, 1.0, -1.0, 3.0])}}
+    w_prior = np.array(list(prior["refuse"].values()))
+
+    def fitted(decay):
+        f = HingeFitter(weight_decay=decay, prior=prior).fit(rows, ORDER)
+        return np.array([f.weights_.weights["refuse"][f"f{j}"] for j in range(W_TRUE.size)]), f
+
+    stiff, f_stiff = fitted(1e6)
+    np.testing.assert_allclose(stiff, w_prior, atol=1e-4)  # a huge penalty keeps the prior exactly
+    assert f_stiff.weights_.metrics["settings"]["prior"] == "table"
+    loose, f_loose = fitted(1e-4)
+    # with little penalty the data wins: the (wrong-signed) prior is overturned and the ordering recovered
+    assert f_loose.metrics_["refuse"]["heldout_pair_accuracy"] >= 0.95
+    assert np.sign(loose[:5]).tolist() == np.sign(W_TRUE[:5]).tolist()
+    # f5 carries no signal: the zero-prior fit leaves it near 0, the prior keeps it near its value
+    free = HingeFitter(weight_decay=1e-4).fit(rows, ORDER)
+    assert abs(free.weights_.weights["refuse"]["f5"]) < 0.5 < loose[5]
+
+
 def test_orderings_are_closed_transitively():
     rows = make_rows(prompts=30, per_label=2)
     m = HingeFitter().fit(rows, ORDER).metrics_["refuse"]
@@ -393,6 +414,21 @@ def test_cli_fit_writes_a_weights_file(tmp_path):
     assert w.metrics["response_types"]["refuse"]["heldout_pair_accuracy"] >= 0.95
     assert "refuse" in res.stdout and "held acc" in res.stdout
     RewardModel(policy, w)
+
+
+def test_cli_fit_prior_is_recorded_and_a_missing_prior_is_an_error(tmp_path):
+    policy, pol, data, order = cli_files(tmp_path)
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    base = ["fit", "--data", str(data), "--orderings", str(order), "--policy", str(pol)]
+    assert runner.invoke(app, [*base, "--out", str(first)]).exit_code == 0
+    res = runner.invoke(app, [*base, "--out", str(second), "--prior", str(first), "--weight-decay", "1e6"])
+    assert res.exit_code == 0, res.output
+    w1, w2 = Weights.load(first), Weights.load(second)
+    assert w2.metrics["settings"]["prior"]["weights_version"] == w1.version
+    for name, value in w1.weights["refuse"].items():
+        assert w2.weights["refuse"][name] == pytest.approx(value, abs=1e-4)
+    res = runner.invoke(app, [*base, "--out", str(second), "--prior", str(tmp_path / "nope.json")])
+    assert res.exit_code == 2 and "--prior" in res.output
 
 
 @pytest.mark.parametrize("problem", ["missing", "malformed", "label-margin", "orderings"])

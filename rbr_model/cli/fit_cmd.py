@@ -12,7 +12,7 @@ from tqdm import tqdm
 from rbr_model.cli.common import fail
 from rbr_model.fit import SOLVERS, HingeFitter, load_orderings, load_rows
 from rbr_model.policy import PolicyError, load_policy
-from rbr_model.reward import WeightsError
+from rbr_model.reward import Weights, WeightsError
 
 _DEFAULTS = HingeFitter()
 
@@ -75,7 +75,8 @@ def fit(
     label_margin: Annotated[list[str] | None, typer.Option(
         "--label-margin", help="Override the margin: LABEL=M for pairs LABEL wins, or BETTER>WORSE=M for one "
         "pair of labels (pair keys win). Repeatable.")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 penalty on the weights.")] = (
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 penalty on the weights (on their "
+                                                "distance to --prior when given).")] = (
         _DEFAULTS.weight_decay),
     heldout: Annotated[float, typer.Option("--heldout", help="Fraction of prompts held out for the metrics.")] = (
         _DEFAULTS.heldout_fraction),
@@ -85,6 +86,9 @@ def fit(
     solver: Annotated[str, typer.Option("--solver", help="newton (smoothed hinge, fast) or adam (exact "
                                         "hinge, full-batch).")] = _DEFAULTS.solver,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (solver adam only).")] = _DEFAULTS.lr,
+    prior: Annotated[Path | None, typer.Option("--prior", help="Weights JSON to shrink toward instead of zero "
+                                               "(--weight-decay sets how hard): keeps a refit near known-good "
+                                               "weights where the data says little.")] = None,
     grader_id: Annotated[str, typer.Option("--grader-id", help="The grader model that made the features, "
                                            "recorded in the weights file.")] = "",
 ) -> None:
@@ -105,9 +109,20 @@ def fit(
     except ValueError as exc:
         raise fail(str(exc)) from None
 
+    prior_weights = None
+    if prior is not None:
+        try:
+            prior_weights = Weights.load(prior)
+        except (OSError, WeightsError) as exc:
+            raise fail(f"--prior: {getattr(exc, 'strerror', None) or exc}") from None
+        if prior_weights.policy_fingerprint != policy.fingerprint:
+            typer.echo(f"note: --prior {prior} was fitted for another policy version; features it lacks start at 0",
+                       err=True)
+
     bar = _Bar()
     fitter = HingeFitter(margin=margin, label_margins=margins, weight_decay=weight_decay, no_rm=no_rm,
-                         heldout_fraction=heldout, seed=seed, steps=steps, lr=lr, solver=solver, callback=bar)
+                         heldout_fraction=heldout, seed=seed, steps=steps, lr=lr, solver=solver, callback=bar,
+                         prior=prior_weights)
     try:
         fitter.fit(rows, order, policy=policy, grader_id=grader_id)
     except ValueError as exc:
