@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="K completions graded per conversation (RL samples several per prompt): the conversation's "
                    "own plus K-1 borrowed from other conversations of the same response type")
     p.add_argument("--naive-limit", type=int, default=None,
-                   help="run the naive grader on only the first N (conversation, completion) items; its rate is "
-                   "per judgment and sequential, so a prefix is representative (default: all)")
+                   help="run the naive grader on only N (conversation, completion) items, spread evenly over the items "
+                   "sorted by prompt length; its rate is per judgment and sequential (default: all)")
     p.add_argument("--skip-naive", action="store_true", help="measure our grader only")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=64)
