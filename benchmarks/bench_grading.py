@@ -52,9 +52,7 @@ def _cpu_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if 0 < len(cpus) <= 4:  # see tests/conftest.py: let the worker use every core of a small machine
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    # thread binding on small CPU machines: VLLMEngine applies rbr_model.grading.vllm_engine.cpu_engine_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -154,6 +154,9 @@ class VLLMRMEngine(RMEngine):
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise RMError(f"the in-process RM engine needs vLLM: {exc}") from exc
+        from rbr_model.grading.vllm_engine import cpu_engine_env
+
+        cpu_engine_env()
         self.model_path = str(model_path)
         self.model_id = served_model_name or self.model_path
         self.max_model_len = max_model_len

@@ -65,7 +65,8 @@ def build_grader(engine: Any, model: RewardModel, settings: Settings) -> Any:
         from rbr_model.calibration import Calibration
 
         calibration = Calibration.load(settings.calibration_path)
-    return Grader(engine, model.policy, calibration=calibration, max_in_flight=settings.max_inflight_judgments)
+    return Grader(engine, model.policy, calibration=calibration, max_in_flight=settings.max_inflight_judgments,
+                  layout=settings.grader_layout)
 
 
 class ObserveMiddleware:

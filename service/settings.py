@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         4096, description="Judgments admitted at once; a request that would exceed it gets 429."
     )
     calibration_path: str | None = Field(None, description="Per-proposition calibration JSON for P(yes).")
+    grader_layout: Literal["proposition_first", "conversation_first"] = Field(
+        "proposition_first",
+        description="Which part of a grading prompt comes first and is shared through the prefix cache: the "
+        "proposition's instructions and examples (best when conversations are shorter than them), or the "
+        "conversation (best for long conversations; see benchmarks/RESULTS.md). Changes every feature.",
+    )
 
     # -- reward model -------------------------------------------------------------------------------
     rm_engine: Literal["none", "vllm", "remote"] = Field(

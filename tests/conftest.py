@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from rbr_model.grading.engine import Engine, GradingError, Judgment  # noqa: E402
+from rbr_model.grading.vllm_engine import cpu_engine_env  # noqa: E402
 
 T = TypeVar("T")
 
@@ -39,11 +40,7 @@ def _cpu_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    # vLLM reserves one core for its scheduler by default; on a 2-core machine that halves the compute threads.
-    # Letting the worker use every core measured ~30 % faster here (the scheduler is mostly idle meanwhile).
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if 0 < len(cpus) <= 4:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    cpu_engine_env()  # also for the vLLM server subprocesses some tests start
 
 
 def pytest_configure(config: pytest.Config) -> None:

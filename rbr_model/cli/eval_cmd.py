@@ -129,23 +129,6 @@ async def run_evaluation(
     return report
 
 
-def _cpu_engine_env() -> None:
-    """On a small CPU-only machine let vLLM's worker use every core (as the tests and benchmarks do): by default
-    it reserves one for the scheduler, which halves the compute threads on 2 cores. Never overrides a setting.
-    """
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return
-    except ImportError:  # pragma: no cover
-        return
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if 0 < len(cpus) <= 4:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
 def _build_engine(kind: str, model_path: str, remote_url: str | None, remote_model: str | None,
                   max_model_len: int) -> Any:
     if kind == "remote":
@@ -155,7 +138,6 @@ def _build_engine(kind: str, model_path: str, remote_url: str | None, remote_mod
                             api_key=os.environ.get("RBR_REMOTE_API_KEY") or None)
     from rbr_model.grading.vllm_engine import VLLMEngine
 
-    _cpu_engine_env()
     return VLLMEngine(model_path, max_model_len=max_model_len)
 
 

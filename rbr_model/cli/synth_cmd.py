@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -107,29 +106,12 @@ def synth(
     typer.echo(f"wrote {out / ROWS_FILE} ({result.n_rows} rows)")
 
 
-def _cpu_defaults() -> None:
-    """On a small CPU machine, let vLLM's worker compute on every core (by default it leaves one to the
-    scheduler, which halves the threads on 2 cores); the KV cache size as scripts/env.sh sets it."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return
-    except ImportError:  # pragma: no cover
-        return
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if 0 < len(cpus) <= 4:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
 async def _run(model_path: Path, max_model_len: int, rm_model: str | None, rm_url: str | None, policy: Any,
                prompts: Any, out: Path, config: SynthConfig, labels: Any, table: Any, progress: bool) -> Any:
     from rbr_model.grading.engine import GradingError
     from rbr_model.grading.vllm_engine import VLLMEngine
     from rbr_model.rm import RMError, build_rm_engine
 
-    _cpu_defaults()
     try:
         engine = VLLMEngine(model_path, max_model_len=max_model_len)
     except GradingError as exc:

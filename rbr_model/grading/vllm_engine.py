@@ -44,6 +44,26 @@ def default_dtype() -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+def cpu_engine_env() -> None:
+    """Environment defaults for vLLM's CPU backend on small machines; never overrides a setting.
+
+    vLLM reserves one core for its scheduler by default, which halves the compute threads on 2 cores; letting the
+    worker use every core measured ~30% faster here (the scheduler is mostly idle while the worker computes).
+    The KV cache size default fails vLLM's memory check on small machines, so 1 GiB unless set.
+    """
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    except ImportError:  # pragma: no cover
+        return
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if 0 < len(cpus) <= 4:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
 class VLLMEngine(Engine):
     """A vLLM `AsyncLLM` in this process (its engine core runs in a child process it manages).
 
@@ -76,6 +96,7 @@ class VLLMEngine(Engine):
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise GradingError(f"vLLM is not installed: {exc}") from exc
 
+        cpu_engine_env()  # before the engine core is spawned: it inherits the environment
         self.model_path = str(model)
         self.model_id = model_id or Path(self.model_path.rstrip("/")).name
         self.max_model_len = max_model_len
