@@ -84,3 +84,11 @@ def test_shipped_default_weights_match_the_default_policy():
         bad = np.zeros(len(spec.feature_names))
         bad[spec.feature_names.index("class:disallowed_completion")] = 1.0
         assert model.rbr(rt, ideal[None])[0] > model.rbr(rt, bad[None])[0], rt
+
+
+def test_shipped_weights_name_the_shipped_prior_they_were_fitted_toward():
+    """docs/synthetic-data.md rebuilds the default weights with --prior hand_set_weights.json: keep them in step."""
+    shipped = Weights.load(default_weights_path())
+    prior = Weights.load(default_weights_path().with_name("hand_set_weights.json"))
+    assert shipped.metrics["settings"]["prior"]["weights_version"] == prior.version
+    assert shipped.policy_fingerprint == prior.policy_fingerprint == load_policy(None).fingerprint
