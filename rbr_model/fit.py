@@ -815,6 +815,7 @@ def _prior_vector(prior: Any, rt: str, names: Sequence[str], policy: Policy | No
             try:
                 if _resolve(policy, key) == rt:
                     row = value
+                    break
             except ValueError:
                 continue
     row = row or {}

@@ -111,31 +111,31 @@ class Pipeline:
         graded = [i for i, item in enumerate(items) if item.response_type is not None]
         probs, cached = await self._probabilities(state, [items[i] for i in graded], field)
         # One matrix product per response type, not one per item: the cached path is mostly this loop.
+        probs_of = dict(zip(graded, probs, strict=True))
         by_type: dict[str, list[int]] = {}
-        for j, i in enumerate(graded):
-            by_type.setdefault(items[i].response_type, []).append(j)  # type: ignore[arg-type]
+        for i in graded:
+            by_type.setdefault(items[i].response_type, []).append(i)  # type: ignore[arg-type]
         rbr_of: dict[int, float] = {}
-        features_of: dict[int, Any] = {}
-        for rt, rows in by_type.items():
+        features_of: dict[int, list[float]] = {}
+        for rt, members in by_type.items():
             spec = state.model.features[rt]
-            x = spec.features(spec.matrix([probs[j] for j in rows]))
-            for j, value, row in zip(rows, state.model.rbr(rt, x).tolist(), x.tolist(), strict=True):
-                rbr_of[j] = value
-                features_of[j] = row
+            x = spec.features(spec.matrix([probs_of[i] for i in members]))
+            rbr_of.update(zip(members, state.model.rbr(rt, x).tolist(), strict=True))
+            if with_features:
+                features_of.update(zip(members, x.tolist(), strict=True))
+        cached_of = dict(zip(graded, cached, strict=True))
         results: list[ScoreResult] = []
-        by_index = dict(zip(graded, range(len(graded)), strict=True))
         for i, item in enumerate(items):
             rm = rm_scores[i]
             rt = item.response_type
             if rt is None:
                 results.append(ScoreResult(item.id, rm, 0.0, rm, None))
                 continue
-            j = by_index[i]
-            rbr = rbr_of[j]
-            res = ScoreResult(item.id, RewardModel.total(rm, rbr), rbr, rm, rt, cached=cached[j])
+            rbr = rbr_of[i]
+            res = ScoreResult(item.id, RewardModel.total(rm, rbr), rbr, rm, rt, cached=cached_of[i])
             if with_features:
                 names = state.model.features[rt].feature_names
-                values = dict(zip(names, features_of[j], strict=True))
+                values = dict(zip(names, features_of[i], strict=True))
                 res.features = {k: v for k, v in values.items() if not k.startswith(CLASS_PREFIX)}
                 res.classes = {k[len(CLASS_PREFIX):]: v for k, v in values.items() if k.startswith(CLASS_PREFIX)}
             results.append(res)

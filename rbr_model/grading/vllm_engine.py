@@ -24,19 +24,23 @@ from rbr_model.grading.engine import Engine, GradingError, Judgment, judgment_fr
 from rbr_model.grading.prompts import discover_yes_no_ids, tokenizer_encoder
 
 
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False
+
+
 def default_dtype() -> str:
     """bfloat16 only where the hardware computes it natively; on other CPUs it is emulated and ~4x slower.
 
     Measured here (Xeon with AVX-512 but no AVX512_BF16/AMX, SmolLM2-135M): bfloat16 ~120 prompt tokens/s,
     float32 ~480 tokens/s.
     """
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return "auto"
-    except ImportError:  # pragma: no cover
-        pass
+    if _on_gpu():
+        return "auto"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -48,15 +52,6 @@ def default_dtype() -> str:
 # tokens are recomputed per judgment; 32 is the smallest its attention accepts and measured 3.73x vs 3.19x over the
 # naive grader (benchmarks/RESULTS.md), with identical probabilities. GPU backends keep their own default.
 CPU_BLOCK_SIZE = 32
-
-
-def _on_gpu() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def cpu_engine_env() -> None:
