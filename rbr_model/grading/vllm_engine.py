@@ -58,7 +58,7 @@ def cpu_engine_env() -> None:
     """Environment defaults for vLLM's CPU backend on small machines; never overrides a setting.
 
     vLLM reserves one core for its scheduler by default, which halves the compute threads on 2 cores; letting the
-    worker use every core measured ~30% faster here (the scheduler is mostly idle while the worker computes).
+    worker use every core gives it both (the scheduler is mostly idle while the worker computes).
     The KV cache size default fails vLLM's memory check on small machines, so 1 GiB unless set.
     """
     if _on_gpu():
