@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt layout for both graders (default: the Grader's default)")
     p.add_argument("--completions-per-conversation", type=int, default=1,
                    help="K completions graded per conversation (RL samples several per prompt): the conversation's "
-                   "own plus K-1 borrowed from other conversations of the same response type")
+                   "own completions first (rows of --data with the same prompt, e.g. benchmarks/data/rl_groups.jsonl), "
+                   "then ones borrowed from other conversations of the same response type")
     p.add_argument("--naive-limit", type=int, default=None,
                    help="run the naive grader on only N (conversation, completion) items, spread evenly over the items "
                    "sorted by prompt length; its rate is per judgment and sequential (default: all)")
@@ -87,10 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_items(args, policy, tokenizer):
-    """(conversation, completion) pairs whose prompts fit the context in both layouts."""
+    """(conversation, completion) pairs whose prompts fit the context in both layouts.
+
+    Rows with the same conversation form one group (an RL prompt's sampled completions); with K completions per
+    conversation a group gives its own first and borrows from other groups only when it has fewer than K.
+    """
     from rbr_model.grading.prompts import LAYOUTS, PromptRenderer
 
-    rows: list[tuple[list[dict], str]] = []
+    groups: dict[str, tuple[list[dict], list[str]]] = {}
     source = "built-in examples"
     data = Path(args.data)
     label = GOLD_LABELS.get(args.response_type, args.response_type)
@@ -98,34 +103,37 @@ def load_items(args, policy, tokenizer):
         for line in data.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
             if r.get("response_type") in (label, args.response_type):
-                rows.append((r["prompt"], r["completion"][0]["content"]))
+                key = json.dumps(r["prompt"], sort_keys=True)
+                groups.setdefault(key, (r["prompt"], []))[1].append(r["completion"][0]["content"])
         source = f"{data.name} ({label})"
-    if not rows:
-        rows = [([{"role": "user", "content": q}], a) for q, a in BUILTIN]
+    if not groups:
+        groups = {q: ([{"role": "user", "content": q}], [a]) for q, a in BUILTIN}
+    rows = list(groups.values())
     renderers = [PromptRenderer(policy, tokenizer, layout) for layout in LAYOUTS]
     props = policy.propositions_for(args.response_type)
     picked, skipped, i = [], 0, 0
     while len(picked) < args.conversations and i < 10 * args.conversations + len(rows):
-        conv, completion = rows[i % len(rows)]
+        conv, completions = rows[i % len(rows)]
         if i >= len(rows):  # built-in set: vary the wording so repeats are distinct conversations
             conv = [{**conv[0], "content": f"{conv[0]['content']} (case {i})"}]
         i += 1
         longest = max(
-            len(tokenizer.encode(r.render(conv, completion, prop), add_special_tokens=False))
+            len(tokenizer.encode(r.render(conv, completions[0], prop), add_special_tokens=False))
             for r in renderers for prop in props
         )
         if longest + 1 > args.max_model_len:
             skipped += 1
             continue
-        picked.append((conv, completion))
+        picked.append((conv, completions))
     k = max(1, args.completions_per_conversation)
-    pool = [a for _, a in rows]
+    pool = [a for _, group in rows for a in group]
     items = [
-        (conv, completion if j == 0 else pool[(n * k + j) % len(pool)])
-        for n, (conv, completion) in enumerate(picked)
+        (conv, own[j] if j < len(own) else pool[(n * k + j) % len(pool)])
+        for n, (conv, own) in enumerate(picked)
         for j in range(k)
     ]
-    return items, len(picked), props, source, skipped
+    borrowed = sum(max(0, k - len(own)) for _, own in picked)
+    return items, len(picked), props, source, skipped, borrowed
 
 
 def _fits(policy, tokenizer, conv, completion, props, max_model_len) -> bool:
@@ -232,11 +240,12 @@ async def main(args) -> dict:
     ours_engine = engine(True)
     boot = time.perf_counter() - t0
     tok = ours_engine.tokenizer
-    pairs, n_conv, props, source, skipped = load_items(args, policy, tok)
+    pairs, n_conv, props, source, skipped, borrowed = load_items(args, policy, tok)
     pairs = [(c, a) for c, a in pairs if _fits(policy, tok, c, a, props, args.max_model_len)]
     layouts = simulate_layouts(policy, tok, pairs, props)
     print(f"{len(pairs)} items ({n_conv} conversations from {source}, {skipped} too long skipped, "
-          f"{args.completions_per_conversation} completion(s) each) x {len(props)} propositions "
+          f"{args.completions_per_conversation} completion(s) each, {borrowed} borrowed from other conversations) "
+          f"x {len(props)} propositions "
           f"= {len(pairs) * len(props)} judgments; engine start {boot:.0f} s", flush=True)
     try:
         ours, ours_s, ours_cpu, grader = await run_ours(ours_engine, policy, pairs, props, args)
@@ -268,6 +277,7 @@ async def main(args) -> dict:
         "source": source,
         "conversations": n_conv,
         "completions_per_conversation": args.completions_per_conversation,
+        "borrowed_completions": borrowed,
         "items": len(pairs),
         "propositions": len(props),
         "judgments": n,
@@ -300,7 +310,8 @@ async def main(args) -> dict:
 def report(fig: dict) -> str:
     lines = [
         f"Workload: {fig['items']} items = {fig['conversations']} conversations ({fig['source']}) x "
-        f"{fig['completions_per_conversation']} completion(s), each x {fig['propositions']} propositions "
+        f"{fig['completions_per_conversation']} completion(s) ({fig['borrowed_completions']} borrowed from other "
+        f"conversations), each x {fig['propositions']} propositions "
         f"({fig['response_type']}, policy {fig['policy']}) = {fig['judgments']} judgments; model {fig['model']} "
         f"({fig['dtype']}); layout {fig['layout']}.",
         "",
