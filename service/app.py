@@ -57,6 +57,15 @@ def build_engine(settings: Settings) -> Any:
     )
 
 
+def rm_engine_options(settings: Settings) -> dict[str, Any]:
+    """Keyword settings for `build_rm_engine`; each RM engine kind keeps the ones it knows."""
+    return {
+        "max_model_len": settings.max_model_len,
+        "gpu_memory_utilization": settings.rm_gpu_memory_utilization,
+        "api_key": settings.rm_api_key.get_secret_value() if settings.rm_api_key else None,
+    }
+
+
 def build_grader(engine: Any, model: RewardModel, settings: Settings) -> Any:
     from rbr_model.grading.grader import Grader
 
@@ -205,8 +214,7 @@ async def _start_engine(app: FastAPI, settings: Settings, engine: Any, model: Re
             from rbr_model.rm import build_rm_engine
 
             pipeline.rm_engine = await asyncio.to_thread(
-                build_rm_engine, settings.rm_engine, settings.rm_model, settings.rm_url,
-                max_model_len=settings.max_model_len)
+                build_rm_engine, settings.rm_engine, settings.rm_model, settings.rm_url, **rm_engine_options(settings))
         grader = build_grader(engine, model, settings)
         # Warm up: one real judgment proves the engine answers before we call ourselves ready.
         await grader.grade([([{"role": "user", "content": "Hello"}], "Hi there!",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, description="vLLM max_num_seqs: sequences batched per engine step.")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (shared few-shot prefixes).")
     enforce_eager: bool = Field(True, description="Skip graph compilation (fast start; right for CPU).")
-    gpu_memory_utilization: float = Field(0.85, description="vLLM GPU memory fraction (GPU only).")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Fraction of GPU memory the grader's vLLM may use (GPU only)."
+    )
     max_inflight_judgments: int = Field(
         4096, description="Judgments admitted at once; a request that would exceed it gets 429."
     )
@@ -53,6 +55,12 @@ class Settings(BaseSettings):
     )
     rm_model: str | None = Field(None, description="Reward (classification) model path for rm_engine=vllm.")
     rm_url: str | None = Field(None, description="Base URL of a vLLM server with /classify for rm_engine=remote.")
+    rm_api_key: SecretStr | None = Field(None, description="Bearer key for the remote RM server (rm_engine=remote).")
+    rm_gpu_memory_utilization: float = Field(
+        0.1, gt=0, le=1,
+        description="Fraction of GPU memory the in-process RM's vLLM may use (rm_engine=vllm, GPU only). vLLM "
+        "counts each engine's fraction of the whole card, so it and gpu_memory_utilization must sum to at most 1.",
+    )
     default_rm_score: float | None = Field(
         None, description="rm_score used when a request omits it and no RM engine is set; unset: 422."
     )
@@ -76,6 +84,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, description="Request body size (413 above).")
     request_timeout_s: float | None = Field(None, description="Per-request deadline in seconds (504 after).")
     retry_after_s: int = Field(1, description="Retry-After seconds sent with 429.")
+
+    @model_validator(mode="after")
+    def _engines_share_the_gpu(self) -> Settings:
+        if self.rm_engine == "vllm" and self.gpu_memory_utilization + self.rm_gpu_memory_utilization > 1:
+            raise ValueError(
+                f"gpu_memory_utilization ({self.gpu_memory_utilization}) + rm_gpu_memory_utilization "
+                f"({self.rm_gpu_memory_utilization}) exceed 1: with rm_engine=vllm both engines share one GPU"
+            )
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

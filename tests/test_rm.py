@@ -259,9 +259,10 @@ def test_reference_scores_are_raw_logits(reference_scores):
 async def vllm_engine(classifier_dir):
     """One in-process engine for TestVLLMEngine, shut down when the class is done."""
     pytest.importorskip("vllm")
-    # Built in a worker thread, the way the service builds it.
+    # Built in a worker thread, the way the service builds it, with the service's default RM memory fraction
+    # (RBR_RM_GPU_MEMORY_UTILIZATION), which the CPU build must accept.
     eng = await asyncio.to_thread(build_rm_engine, "vllm", str(classifier_dir), None,
-                                  max_model_len=MAX_MODEL_LEN, dtype=DTYPE)
+                                  max_model_len=MAX_MODEL_LEN, dtype=DTYPE, gpu_memory_utilization=0.1)
     assert isinstance(eng, VLLMRMEngine)
     yield eng
     await eng.close()

@@ -1,0 +1,52 @@
+"""The service settings: environment names, bounds, and the reward-model engine's wiring (no engine needed)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from rbr_model.rm import build_rm_engine
+from service.app import rm_engine_options
+from service.settings import Settings
+
+
+def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
+    monkeypatch.setenv("RBR_RM_ENGINE", "vllm")
+    monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.3")
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "gpu_memory_utilization (0.85) + rm_gpu_memory_utilization (0.3) exceed 1" in str(err.value)
+    monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.6")
+    assert Settings().gpu_memory_utilization + Settings().rm_gpu_memory_utilization == pytest.approx(0.9)
+    monkeypatch.setenv("RBR_RM_ENGINE", "remote")  # a remote RM takes no memory here
+    monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.9")
+    assert Settings().rm_engine == "remote"
+
+
+@pytest.mark.parametrize("field", ["gpu_memory_utilization", "rm_gpu_memory_utilization"])
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_memory_fractions_are_bounded(field, value):
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+async def test_rm_settings_reach_the_remote_rm_engine(monkeypatch):
+    monkeypatch.setenv("RBR_RM_API_KEY", "rm-secret")
+    settings = Settings()
+    assert "rm-secret" not in repr(settings)  # a secret, never printed
+    seen = []
+
+    def classify(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        data = [{"index": 0, "probs": [1.5], "num_classes": 1}]
+        return httpx.Response(200, json={"object": "list", "model": "rm", "data": data})
+
+    engine = build_rm_engine("remote", "rm", "http://rm.test", **rm_engine_options(settings),
+                             transport=httpx.MockTransport(classify))
+    try:
+        assert await engine.score([[{"role": "user", "content": "Hi"}]], ["Hello!"]) == [1.5]
+    finally:
+        await engine.close()
+    assert seen == ["Bearer rm-secret"]
+    assert rm_engine_options(Settings(rm_gpu_memory_utilization=0.2))["gpu_memory_utilization"] == 0.2
