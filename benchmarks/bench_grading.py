@@ -6,10 +6,13 @@
 
 Workload: N conversations (default 32) of one response type, each graded on every proposition that response
 type needs. Conversations come from OpenAI's labelled RBR data when it is present (by path), otherwise from a
-small built-in set repeated with variations. Reported: judgments per second, prefill tokens per judgment that
-the engine actually computed (prompt tokens minus prefix-cache hits, as vLLM reports them), the same figure for
-both prompt layouts from an exact offline simulation of the cache, and the largest P(yes) difference between
-ours and naive. The two engines run one after the other, never together.
+small built-in set repeated with variations. `--data benchmarks/data/rl_groups.jsonl
+--completions-per-conversation 7` grades groups of sampled completions per prompt, as an RL trainer sends them.
+
+Reported: judgments per second, prefill tokens per judgment that the engine actually computed (prompt tokens
+minus prefix-cache hits, as vLLM reports them), the same figure for both prompt layouts from an exact offline
+simulation of the cache, and the largest P(yes) difference between ours and naive. The two engines run one after
+the other, never together.
 
     python benchmarks/bench_grading.py --help
 """
