@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from rbr_model.jsonl import read_jsonl
 from rbr_model.policy import Policy, PolicyError, read_yaml
 
 LOG_EPS = 1e-12  # probabilities are clipped to [eps, 1 - eps] for the log-loss
@@ -149,21 +150,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 def load_gold(path: str | Path) -> list[dict[str, Any]]:
     """Read and check a gold JSONL file; every problem names the file and the line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GoldError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GoldError(f"{where}: not valid JSON: {exc.msg}") from None
-        rows.append(_check_row(row, where))
+    rows = [_check_row(row, where) for where, row in read_jsonl(path, GoldError)]
     if not rows:
         raise GoldError(f"{path}: no rows")
     return rows

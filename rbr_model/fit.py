@@ -32,7 +32,6 @@ Choices worth knowing (each one is also recorded in the weights file's ``metrics
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import yaml
 
 from rbr_model.features import FeatureSpec
+from rbr_model.jsonl import read_jsonl
 from rbr_model.policy import Policy
 from rbr_model.reward import Weights
 
@@ -104,23 +104,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     ``rm_score`` may be missing or null (taken as 0, as for data made without a reward model). Other keys
     are kept out of the result. Errors name the file, the line and the field, because people hand-edit these.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text: {exc}") from exc
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is legal in JSON
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-        rows.append(_check_row(obj, where))
+    rows = [_check_row(obj, where) for where, obj in read_jsonl(path)]
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -49,6 +49,7 @@ import yaml
 from rbr_model.features import CLASS_PREFIX, FeatureSpec
 from rbr_model.grading.engine import Engine
 from rbr_model.grading.grader import Grader
+from rbr_model.jsonl import read_jsonl
 from rbr_model.policy import Policy, load_policy
 
 COMPLETIONS_FILE = "completions.jsonl"
@@ -161,20 +162,9 @@ def load_prompts(path: str | Path | None = None, policy: Policy | None = None) -
     With a policy, response type aliases are resolved and unknown response types are an error.
     """
     path = Path(path) if path is not None else default_prompts_path()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SynthError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     prompts: list[SynthPrompt] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SynthError(f"{where}: not valid JSON: {exc.msg}") from None
+    for where, obj in read_jsonl(path, SynthError):
         if not isinstance(obj, Mapping):
             raise SynthError(f"{where}: expected a JSON object")
         pid, rt = obj.get("prompt_id"), obj.get("response_type")

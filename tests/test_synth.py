@@ -158,6 +158,18 @@ def test_load_prompts_checks_its_input(tmp_path, policy, all_prompts):
         {"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(SynthError, match="not in policy"):
         load_prompts(bad, policy)
+    # A line separator inside a JSON string is text, not a line break; a broken line is named by number.
+    good = {"prompt_id": "y", "response_type": "comply", "messages": [{"role": "user", "content": "a\u2028b"}]}
+    bad.write_text("\n" + json.dumps(good, ensure_ascii=False) + "\n{broken\n")
+    with pytest.raises(SynthError, match=r"p.jsonl:3: not valid JSON"):
+        load_prompts(bad, policy)
+    bad.write_text(json.dumps(good, ensure_ascii=False) + "\n")
+    assert load_prompts(bad, policy)[0].messages[0]["content"] == "a\u2028b"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(SynthError, match="not UTF-8"):
+        load_prompts(bad, policy)
+    with pytest.raises(SynthError, match="cannot read"):
+        load_prompts(tmp_path / "missing.jsonl", policy)
 
 
 # ---- the run, with the scripted engine ---------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""JSONL files that people write and hand-edit: every problem names the file and the line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, Any]]:
+    """`(where, object)` for each non-blank line, `where` being "file:line" for the caller's own checks.
+
+    Unreadable files, non-UTF-8 text and bad JSON raise `error` with that location.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text: {exc}") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is legal in JSON
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        yield where, obj
