@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from rbr_model.jsonl import read_jsonl
+from rbr_model.files import read_jsonl
 from rbr_model.policy import Policy, PolicyError, read_yaml
 
 LOG_EPS = 1e-12  # probabilities are clipped to [eps, 1 - eps] for the log-loss

@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 from rbr_model.features import FeatureSpec
-from rbr_model.jsonl import read_jsonl
+from rbr_model.files import read_jsonl, read_text
 from rbr_model.policy import Policy
 from rbr_model.reward import Weights
 
@@ -156,12 +156,7 @@ def _orderings_from_node(root: yaml.Node | None, source: str) -> Orderings:
 def load_orderings(path: str | Path) -> Orderings:
     """Read orderings YAML: ``{response_type: {label: [labels it beats]}}``; checked by `validate_orderings`."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text: {exc}") from exc
+    text = read_text(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:

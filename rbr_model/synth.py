@@ -47,9 +47,9 @@ from typing import Any
 import yaml
 
 from rbr_model.features import CLASS_PREFIX, FeatureSpec
+from rbr_model.files import read_jsonl
 from rbr_model.grading.engine import Engine
 from rbr_model.grading.grader import Grader
-from rbr_model.jsonl import read_jsonl
 from rbr_model.policy import Policy, load_policy
 
 COMPLETIONS_FILE = "completions.jsonl"

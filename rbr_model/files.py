@@ -1,4 +1,4 @@
-"""JSONL files that people write and hand-edit: every problem names the file and the line."""
+"""Files that people write and hand-edit (JSONL, YAML): every problem names the file, and the line if it can."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ from pathlib import Path
 from typing import Any
 
 
+def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """The file's UTF-8 text; an unreadable file or other encoding raises `error` naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text: {exc}") from None
+
+
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, Any]]:
     """`(where, object)` for each non-blank line, `where` being "file:line" for the caller's own checks.
 
     Unreadable files, non-UTF-8 text and bad JSON raise `error` with that location.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: not UTF-8 text: {exc}") from None
+    text = read_text(path, error)
     for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is legal in JSON
         if not line.strip():
             continue
