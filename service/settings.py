@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     def _engines_share_the_gpu(self) -> Settings:
         if self.rm_engine == "vllm" and self.gpu_memory_utilization + self.rm_gpu_memory_utilization > 1:
             raise ValueError(
-                f"gpu_memory_utilization ({self.gpu_memory_utilization}) + rm_gpu_memory_utilization "
-                f"({self.rm_gpu_memory_utilization}) exceed 1: with rm_engine=vllm both engines share one GPU"
+                f"RBR_GPU_MEMORY_UTILIZATION ({self.gpu_memory_utilization}) + RBR_RM_GPU_MEMORY_UTILIZATION "
+                f"({self.rm_gpu_memory_utilization}) exceed 1: with RBR_RM_ENGINE=vllm both engines share one GPU"
             )
         return self
 

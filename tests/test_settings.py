@@ -16,7 +16,7 @@ def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
     monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.3")
     with pytest.raises(ValidationError) as err:
         Settings()
-    assert "gpu_memory_utilization (0.85) + rm_gpu_memory_utilization (0.3) exceed 1" in str(err.value)
+    assert "RBR_GPU_MEMORY_UTILIZATION (0.85) + RBR_RM_GPU_MEMORY_UTILIZATION (0.3) exceed 1" in str(err.value)
     monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.6")
     assert Settings().gpu_memory_utilization + Settings().rm_gpu_memory_utilization == pytest.approx(0.9)
     monkeypatch.setenv("RBR_RM_ENGINE", "remote")  # a remote RM takes no memory here
@@ -50,3 +50,40 @@ async def test_rm_settings_reach_the_remote_rm_engine(monkeypatch):
         await engine.close()
     assert seen == ["Bearer rm-secret"]
     assert rm_engine_options(Settings(rm_gpu_memory_utilization=0.2))["gpu_memory_utilization"] == 0.2
+
+
+def test_rbr_serve_names_bad_settings_by_their_variable(monkeypatch):
+    from typer.testing import CliRunner
+
+    from rbr_model.cli import app
+
+    monkeypatch.setenv("RBR_GRADER_LAYOUT", "sideways")
+    res = CliRunner().invoke(app, ["serve"])
+    assert res.exit_code == 2 and "RBR_GRADER_LAYOUT: Input should be 'proposition_first'" in res.output
+    assert "Traceback" not in res.output
+    monkeypatch.delenv("RBR_GRADER_LAYOUT")
+    monkeypatch.setenv("RBR_RM_ENGINE", "vllm")
+    monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.5")
+    res = CliRunner().invoke(app, ["serve"])
+    assert res.exit_code == 2 and "RBR_RM_GPU_MEMORY_UTILIZATION (0.5) exceed 1" in res.output
+
+
+def test_the_library_never_imports_the_service():
+    """rbr_model is a pure library: the service plugs `rbr serve` in through an entry point instead."""
+    import ast
+    from pathlib import Path
+
+    import rbr_model
+
+    offenders = []
+    for path in Path(rbr_model.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args:
+                names = [getattr(node.args[0], "value", "")]
+            offenders += [f"{path.name}: {n}" for n in names if n == "service" or str(n).startswith("service.")]
+    assert not offenders, offenders

@@ -1,10 +1,18 @@
-"""The `rbr` command line. Each command group lives in its own module and is registered here."""
+"""The `rbr` command line. Each command group lives in its own module and is registered here.
+
+Other packages add commands through the `rbr.commands` entry point group (the service adds `rbr serve`), so this
+library never imports them.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 import typer
+
+from rbr_model.cli.common import fail
 
 app = typer.Typer(
     name="rbr",
@@ -22,7 +30,6 @@ _COMMANDS = [
     ("rbr_model.cli.eval_cmd", "eval_app", "eval"),
     ("rbr_model.cli.synth_cmd", "synth", "synth"),
     ("rbr_model.cli.report_cmd", "report", "report"),
-    ("rbr_model.cli.serve_cmd", "serve", "serve"),
 ]
 
 for _module, _attr, _name in _COMMANDS:
@@ -37,3 +44,18 @@ for _module, _attr, _name in _COMMANDS:
     else:
         app.command(name=_name)(_obj)
 
+
+def _unavailable(name: str, missing: str | None) -> Callable[[], None]:
+    def command() -> None:
+        raise fail(f"`rbr {name}` needs {missing}, which is not installed: pip install 'rbr-serve[service]'")
+
+    command.__doc__ = f"(not available here: needs {missing})"
+    return command
+
+
+for _entry in entry_points(group="rbr.commands"):
+    try:
+        _command = _entry.load()
+    except ModuleNotFoundError as _exc:  # the plugin's own dependencies are not installed
+        _command = _unavailable(_entry.name, _exc.name)
+    app.command(name=_entry.name)(_command)

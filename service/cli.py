@@ -1,12 +1,28 @@
-"""`rbr serve`: start the reward service (needs the `service` extra). Settings come from RBR_* variables."""
+"""`rbr serve`: start the reward service. Settings come from RBR_* variables.
+
+The command plugs into the `rbr` CLI through the `rbr.commands` entry point (pyproject.toml), so `rbr_model`
+never imports the service.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from rbr_model.cli.common import fail
+from service.settings import Settings
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """One line per problem, named by the environment variable that sets it."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"RBR_{field.upper()}: {message}" if field else message)
+    return "; ".join(lines)
 
 
 def serve(
@@ -15,19 +31,18 @@ def serve(
     workers: Annotated[int, typer.Option(help="uvicorn workers; each loads its own engine, keep 1 per GPU.")] = 1,
 ) -> None:
     """Start rbr-serve with uvicorn. Every setting is an RBR_* environment variable: see `service/settings.py`."""
-    try:
-        import uvicorn
-
-        from service.settings import Settings
-    except ModuleNotFoundError as exc:
-        raise fail(f"the service is not installed ({exc.name} missing): pip install 'rbr-serve[service]'") from None
     import logging
     import os
+
+    import uvicorn
 
     for name, value in (("RBR_HOST", host), ("RBR_PORT", port)):
         if value is not None:
             os.environ[name] = str(value)  # the app factory reads the same settings in every worker
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise fail(f"invalid settings: {settings_problems(exc)}") from None
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
