@@ -51,11 +51,10 @@ BUILTIN = [
 
 
 def _cpu_env() -> None:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    # thread binding on small CPU machines: VLLMEngine applies rbr_model.grading.vllm_engine.cpu_engine_env
+    # KV cache size and thread binding on small CPU machines: VLLMEngine applies cpu_engine_env itself
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_items(args, policy, tokenizer):
-    """(conversation, completion) pairs whose prompts fit the context in both layouts.
+    """(conversation, completion) pairs whose prompts fit the context in both layouts; too long ones are dropped.
 
     Rows with the same conversation form one group (an RL prompt's sampled completions); with K completions per
     conversation a group gives its own first and borrows from other groups only when it has fewer than K.
@@ -114,40 +113,32 @@ def load_items(args, policy, tokenizer):
     rows = list(groups.values())
     renderers = [PromptRenderer(policy, tokenizer, layout) for layout in LAYOUTS]
     props = policy.propositions_for(args.response_type)
+
+    def fits(conv, completion) -> bool:
+        """Every proposition's prompt fits the context in both layouts (one token left for the answer)."""
+        return all(len(tokenizer.encode(r.render(conv, completion, prop), add_special_tokens=False)) + 1
+                   <= args.max_model_len for r in renderers for prop in props)
+
     picked, skipped, i = [], 0, 0
     while len(picked) < args.conversations and i < 10 * args.conversations + len(rows):
         conv, completions = rows[i % len(rows)]
         if i >= len(rows):  # built-in set: vary the wording so repeats are distinct conversations
             conv = [{**conv[0], "content": f"{conv[0]['content']} (case {i})"}]
         i += 1
-        longest = max(
-            len(tokenizer.encode(r.render(conv, completions[0], prop), add_special_tokens=False))
-            for r in renderers for prop in props
-        )
-        if longest + 1 > args.max_model_len:
+        if not fits(conv, completions[0]):
             skipped += 1
             continue
         picked.append((conv, completions))
     k = max(1, args.completions_per_conversation)
     pool = [a for _, group in rows for a in group]
-    items = [
-        (conv, own[j] if j < len(own) else pool[(n * k + j) % len(pool)])
-        for n, (conv, own) in enumerate(picked)
-        for j in range(k)
-    ]
-    borrowed = sum(max(0, k - len(own)) for _, own in picked)
+    items, borrowed = [], 0
+    for n, (conv, own) in enumerate(picked):
+        for j in range(k):
+            completion = own[j] if j < len(own) else pool[(n * k + j) % len(pool)]
+            if j == 0 or fits(conv, completion):  # a later completion can make the prompt too long: dropped
+                items.append((conv, completion))
+                borrowed += j >= len(own)
     return items, len(picked), props, source, skipped, borrowed
-
-
-def _fits(policy, tokenizer, conv, completion, props, max_model_len) -> bool:
-    """Borrowed completions can make a prompt too long again; such items are dropped."""
-    from rbr_model.grading.prompts import LAYOUTS, PromptRenderer
-
-    return all(
-        len(tokenizer.encode(PromptRenderer(policy, tokenizer, lay).render(conv, completion, p),
-                             add_special_tokens=False)) + 1 <= max_model_len
-        for lay in LAYOUTS for p in props
-    )
 
 
 def simulate_layouts(policy, tokenizer, pairs, props, block_sizes=(16, 32, 128)):
@@ -244,7 +235,6 @@ async def main(args) -> dict:
     boot = time.perf_counter() - t0
     tok = ours_engine.tokenizer
     pairs, n_conv, props, source, skipped, borrowed = load_items(args, policy, tok)
-    pairs = [(c, a) for c, a in pairs if _fits(policy, tok, c, a, props, args.max_model_len)]
     layouts = simulate_layouts(policy, tok, pairs, props)
     print(f"{len(pairs)} items ({n_conv} conversations from {source}, {skipped} too long skipped, "
           f"{args.completions_per_conversation} completion(s) each, {borrowed} borrowed from other conversations) "

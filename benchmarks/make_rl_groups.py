@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         row = json.loads(line)
         if row["response_type"] == "comply" or row.get("status") != "accepted" or not row.get("completion"):
             continue
+        if row["prompt_id"] not in prompts:
+            raise SystemExit(f"{args.completions}: prompt_id {row['prompt_id']!r} is not in {args.prompts}")
         out.append({
             "response_type": "hard_refuse",
             "source_response_type": row["response_type"],

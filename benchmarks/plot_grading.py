@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figs = [json.loads(Path(r).read_text(encoding="utf-8")) for r in args.runs]
+    figs = []
+    for run in args.runs:
+        try:
+            figs.append(json.loads(Path(run).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{run}: not a bench_grading.py --json file: {exc}") from None
     missing = [r for r, f in zip(args.runs, figs, strict=True) if "naive_jps" not in f]
     if missing:
         raise SystemExit(f"no naive baseline in {', '.join(missing)} (run without --skip-naive)")
