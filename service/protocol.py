@@ -12,9 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Schema(BaseModel):
-    """Base for all schemas: unknown fields are an error, so a typo never passes silently."""
+    """Base for all schemas: unknown fields are an error, so a typo never passes silently.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict types: a JSON number is not a boolean and a string is not a number (lax mode turned
+    `"return_features": 0.0` into False; the API fuzzer found it). Integers still count as floats.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Message(Schema):
