@@ -14,6 +14,7 @@ import pytest
 from redis_server import RedisServer
 
 from rbr_model.features import FeatureSpec
+from rbr_model.grading.engine import Engine
 from rbr_model.policy import load_policy
 from rbr_model.reward import Weights, default_weights_path
 from service.app import create_app
@@ -265,3 +266,97 @@ async def test_concurrent_identical_items_are_graded_once(grader_engine):
         sent = client.app.state.serving.grader.engine_requests - warmup
         assert sent == n_props, f"engine saw {sent} judgments for one unique item ({n_props} propositions)"
 
+
+
+class GatedEngine(Engine):
+    """The real shared engine behind a gate: `grade` waits until the test opens it, to hold work in flight.
+
+    Only the timing is controlled; every judgment still comes from the real engine.
+    """
+
+    def __init__(self, inner: Engine):
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    def __getattr__(self, name: str):  # tokenizer, yes/no ids, max_model_len ... for the grader's renderer
+        return getattr(self.inner, name)
+
+    async def grade(self, prompts):
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return await self.inner.grade(prompts)
+
+    async def generate(self, prompts, max_tokens=256, temperature=0.0, seed=None):
+        return await self.inner.generate(prompts, max_tokens, temperature, seed)
+
+    async def health(self):
+        return await self.inner.health()
+
+    async def close(self):
+        pass  # the shared engine belongs to the test run
+
+
+async def wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_readyz_is_503_until_the_warmup_judgment_answers(grader_engine):
+    gated = GatedEngine(grader_engine)
+    app = create_app(Settings(), engine=gated)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
+            await wait_for(lambda: gated.waiting >= 1)  # the warm-up judgment is at the engine, held
+            r = await client.get("/readyz")
+            assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready" and r.headers["retry-after"]
+            r = await client.post("/v1/rewards", json={"items": [ITEM]})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+            assert (await client.get("/healthz")).status_code == 200  # alive while starting
+            gated.gate.set()
+            await wait_for(lambda: app.state.ready)
+            assert (await client.get("/readyz")).status_code == 200
+            assert (await client.post("/v1/rewards", json={"items": [ITEM]})).status_code == 200
+
+
+async def test_reload_lets_in_flight_requests_finish_on_the_old_weights(grader_engine, tmp_path):
+    gated = GatedEngine(grader_engine)
+    gated.gate.set()
+    old_weights = Weights.load(default_weights_path())
+    new_weights = Weights.load(default_weights_path())
+    new_weights.weights["comply"]["class:ideal"] = old_weights.weights["comply"].get("class:ideal", 0.0) + 10.0
+    new_path = new_weights.save(tmp_path / "new.json")
+    item = dict(ITEM, completion="A birthday note held in flight while the weights change underneath it.")
+    body = {"items": [item], "return_features": True}
+    app = create_app(Settings(admin_key="adm"), engine=gated)
+    async with app.router.lifespan_context(app):
+        await wait_for(lambda: app.state.ready, timeout_s=120)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
+            gated.gate.clear()
+            in_flight = asyncio.create_task(client.post("/v1/rewards", json=body))
+            await wait_for(lambda: gated.waiting > 0)  # its judgments are at the engine
+            r = await client.post("/v1/admin/reload", json={"weights_path": str(new_path)},
+                                  headers={"Authorization": "Bearer adm"})
+            assert r.status_code == 200 and r.json()["generation"] == 2, r.text
+            gated.gate.set()
+            held = (await in_flight).json()
+            after = (await client.post("/v1/rewards", json=body)).json()
+    spec = FeatureSpec(load_policy(None), "comply")
+
+    def rbr(weights: Weights, result: dict) -> float:
+        x = spec.features(spec.matrix([result["features"]]))[0]
+        return sum(weights.weights["comply"].get(f, 0.0) * v for f, v in zip(spec.feature_names, x, strict=True))
+
+    assert held["weights_version"] == old_weights.version != new_weights.version == after["weights_version"]
+    assert held["results"][0]["rbr_reward"] == pytest.approx(rbr(old_weights, held["results"][0]), abs=1e-9)
+    assert after["results"][0]["cached"] is True and after["results"][0]["features"] == held["results"][0]["features"]
+    assert after["results"][0]["rbr_reward"] == pytest.approx(rbr(new_weights, after["results"][0]), abs=1e-9)
+    assert after["results"][0]["rbr_reward"] != pytest.approx(held["results"][0]["rbr_reward"])
