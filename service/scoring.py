@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from rbr_model.features import CLASS_PREFIX
@@ -37,8 +38,9 @@ class ServingState:
     def policy_version(self) -> str:
         return self.policy.short_version
 
-    @property
+    @cached_property
     def weights_version(self) -> str:
+        """Hashed once per state, not per request: the weights of a state never change (reload builds a new one)."""
         return self.model.weights.version
 
 
@@ -143,13 +145,14 @@ class Pipeline:
         return results
 
     def _observe(self, results: Sequence[ScoreResult]) -> None:
-        counts: dict[str, int] = {}
+        by_label: dict[str, list[float]] = {}
         for r in results:
-            label = r.response_type or "none"
-            counts[label] = counts.get(label, 0) + 1
-            self.metrics.rewards.labels(label).observe(r.reward)
-        for label, n in counts.items():
-            self.metrics.items.labels(label).inc(n)
+            by_label.setdefault(r.response_type or "none", []).append(r.reward)
+        for label, rewards in by_label.items():  # one label lookup per response type, not per item
+            histogram = self.metrics.rewards.labels(label)
+            for reward in rewards:
+                histogram.observe(reward)
+            self.metrics.items.labels(label).inc(len(rewards))
 
     def check_rm_available(self, items: Sequence[ScoreItem], field_prefix: str = "items") -> None:
         """Fail fast (422) before any grading when an item has no way to get an RM score."""
@@ -183,7 +186,8 @@ class Pipeline:
         if not items:
             return [], []
         policy, grader = state.policy, state.grader
-        keys = [cache_key(policy.fingerprint, grader.fingerprint, it.conversation, it.completion) for it in items]
+        policy_fp, grader_fp = policy.fingerprint, grader.fingerprint
+        keys = [cache_key(policy_fp, grader_fp, it.conversation, it.completion) for it in items]
         with self._stage("cache_get"):
             found = await self.cache.get_many(keys)
         needed = [policy.propositions_for(it.response_type) for it in items]  # type: ignore[arg-type]

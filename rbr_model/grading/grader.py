@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 from rbr_model.grading.engine import Engine, GradingError, Judgment
@@ -77,9 +78,13 @@ class Grader:
         self.engine_requests = 0  # distinct prompts actually sent to the engine (for metrics and tests)
 
     # ---- identity -------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """sha256 over what decides the numbers: grader model, prompt wording/layout, scoring, calibration."""
+        """sha256 over what decides the numbers: grader model, prompt wording/layout, scoring, calibration.
+
+        Computed once: every cached request keys its items with it, and none of its parts changes after
+        construction (build a new Grader for another model, wording or calibration).
+        """
         blob = json.dumps(
             {
                 "model": self.engine.model_id,
