@@ -6,6 +6,7 @@ One engine is shared by the whole test run (`grader_engine` in conftest.py); eac
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from contextlib import asynccontextmanager
 
@@ -246,6 +247,7 @@ async def test_reload_swaps_weights_and_refuses_mismatched_ones(grader_engine, t
 async def test_metrics_and_readiness(grader_engine):
     async with serve(grader_engine) as client:
         assert (await client.get("/readyz")).status_code == 200
+        assert gc.get_freeze_count() > 0  # startup's long-lived objects are out of the collector's way (p99)
         await client.post("/v1/rewards", json={"items": [ITEM]})
         text = (await client.get("/metrics")).text
         for name in ("rbr_requests_total", "rbr_request_duration_seconds_bucket", "rbr_judgments_total",
