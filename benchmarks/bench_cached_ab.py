@@ -3,7 +3,8 @@
 This machine is shared and noisy: two benchmark runs minutes apart differ by more than most code changes. Here
 both services run at once (say, two commits on two ports) and take turns, round by round, with the order
 flipped every round, so both see the same noise; compare the medians as a ratio. Each service first grades
-the request's items once (slow on a CPU), then every request is a cache hit.
+the request's items once (slow on a CPU), then every request is a cache hit. Items and percentiles are
+bench_service.py's.
 
     # two services, for example the old commit in a git worktree on 18301 and this tree on 18300
     .venv/bin/python benchmarks/bench_cached_ab.py --a http://127.0.0.1:18301 --b http://127.0.0.1:18300
@@ -18,36 +19,19 @@ import sys
 import time
 
 import httpx
+from bench_service import drive, make_items, pct  # same items and percentiles as bench_service
 
 
-def make_body(n_items: int) -> dict:
-    return {"items": [{
-        "prompt": [{"role": "user", "content": f"Question {i}: how do I bake bread at home?"}],
-        "completion": f"Mix flour, water, salt and yeast, knead, let it rise, then bake ({i}).",
-        "response_type": "comply", "rm_score": 0.1, "id": str(i)} for i in range(n_items)]}
-
-
-async def one_round(client: httpx.AsyncClient, body: dict, concurrency: int, per_worker: int) -> tuple[float, ...]:
-    """(requests/s, p50 ms, p99 ms) for `concurrency` workers sending `per_worker` requests each."""
-    latencies: list[float] = []
-
-    async def worker() -> None:
-        for _ in range(per_worker):
-            start = time.perf_counter()
-            r = await client.post("/v1/rewards", json=body)
-            latencies.append(time.perf_counter() - start)
-            if r.status_code != 200 or not all(x["cached"] for x in r.json()["results"]):
-                raise SystemExit(f"{client.base_url}: expected a cached 200, got {r.status_code}: {r.text[:200]}")
-
-    start = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - start
-    latencies.sort()
-    return len(latencies) / wall, latencies[len(latencies) // 2] * 1e3, latencies[int(len(latencies) * 0.99)] * 1e3
+async def one_round(client: httpx.AsyncClient, body: dict, concurrency: int, n: int) -> tuple[float, ...]:
+    """(requests/s, p50 ms, p99 ms) for `n` copies of `body` sent by `concurrency` workers."""
+    latencies, wall, statuses = await drive(client, [body] * n, concurrency)
+    if set(statuses) != {200}:
+        raise SystemExit(f"{client.base_url}: expected only 200s, got {statuses}")
+    return len(latencies) / wall, pct(latencies, 50) * 1e3, pct(latencies, 99) * 1e3
 
 
 async def run(args: argparse.Namespace) -> None:
-    body = make_body(args.items)
+    body = {"items": make_items(args.items, "ab")}
     clients = {name: httpx.AsyncClient(base_url=url, timeout=args.timeout) for name, url in (("A", args.a),
                                                                                           ("B", args.b))}
     for name, client in clients.items():
@@ -62,7 +46,7 @@ async def run(args: argparse.Namespace) -> None:
     for k in range(args.rounds):
         for name in ("A", "B") if k % 2 == 0 else ("B", "A"):
             for conc in args.concurrency:
-                res = await one_round(clients[name], body, conc, max(1, args.requests // conc))
+                res = await one_round(clients[name], body, conc, args.requests)
                 rows.setdefault((name, conc), []).append(res)
                 print(f"| {k} | {name} | {conc} | {res[0]:.1f} | {res[1]:.1f} | {res[2]:.1f} |", flush=True)
     print("\n| concurrency | A median req/s | B median req/s | B/A | A worst p99 ms | B worst p99 ms |")
@@ -73,7 +57,11 @@ async def run(args: argparse.Namespace) -> None:
         worst_a = max(r[2] for r in rows[("A", conc)])
         worst_b = max(r[2] for r in rows[("B", conc)])
         print(f"| {conc} | {a:.1f} | {b:.1f} | {b / a:.2f} | {worst_a:.1f} | {worst_b:.1f} |")
-    for client in clients.values():
+    for name, client in clients.items():  # still every item a cache hit: the rounds measured the cached path
+        r = await client.post("/v1/rewards", json=body)
+        if not all(x["cached"] for x in r.json()["results"]):
+            print(f"warning: {name} answered uncached items after the rounds (cache evicted or down?)",
+                  file=sys.stderr)
         await client.aclose()
 
 

@@ -197,7 +197,8 @@ class Pipeline:
             missing = [p for p in props if p not in probs[i]]
             if missing:
                 todo.append((i, missing))
-        cached = [not any(i == t[0] for t in todo) for i in range(len(items))]
+        to_grade = {i for i, _ in todo}
+        cached = [i not in to_grade for i in range(len(items))]
         if todo:
             n_judgments = sum(len(m) for _, m in todo)
             with self.admission.admit(n_judgments):

@@ -28,14 +28,19 @@ ITEM = {"prompt": CONV, "completion": "Happy birthday to the best sister in the 
         "response_type": "comply", "rm_score": 0.5, "id": "one"}
 
 
+async def wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 @asynccontextmanager
 async def serve(grader_engine, **overrides):
     settings = Settings(**overrides)
     app = create_app(settings, engine=grader_engine)
     async with app.router.lifespan_context(app):
-        deadline = time.monotonic() + 120
-        while not app.state.ready and not app.state.engine_error and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: app.state.ready or app.state.engine_error, timeout_s=120)
         assert app.state.ready, app.state.engine_error
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
@@ -301,13 +306,6 @@ class GatedEngine(Engine):
 
     async def close(self):
         pass  # the shared engine belongs to the test run
-
-
-async def wait_for(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def test_readyz_is_503_until_the_warmup_judgment_answers(grader_engine):
