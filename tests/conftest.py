@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import reference  # tests/reference.py (pytest puts tests/ on sys.path, as for the test modules)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -46,6 +47,13 @@ def _cpu_defaults() -> None:
 def pytest_configure(config: pytest.Config) -> None:
     _cpu_defaults()
     config.addinivalue_line("markers", "closes_engine: closes the shared grader engine, so it runs last")
+    config.addinivalue_line("markers", reference.MARKER_HELP)
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture starts (a skipped test never starts the engine)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_reference") is not None:
+        reference.require_reference()  # skips, or fails under CI=true, when ../shared/reference is absent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import yaml
-from test_policy import OPENAI_YAML, REF, needs_reference, tiny_policy_dict
+from reference import GOLD, OPENAI_YAML, needs_reference
+from test_policy import tiny_policy_dict
 from typer.testing import CliRunner
 
 from rbr_model.cli import app
@@ -87,7 +88,7 @@ def test_classes_json_counts_on_tiny(tmp_path):
 @needs_reference
 def test_gold_train_classes_with_openai_policy(tmp_path):
     res = runner.invoke(app, ["policy", "classes", "--policy", str(OPENAI_YAML),
-                              "--labels", str(REF / "gold_train.jsonl"), "--json"])
+                              "--labels", str(GOLD), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["unclassified"] == 0 and out["ambiguous"] == 0

@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from test_policy import OPENAI_YAML, REF, needs_reference, tiny_policy_dict
+from reference import GOLD, OPENAI_YAML, needs_reference
+from test_policy import tiny_policy_dict
 
 from rbr_model.features import CLASS_PREFIX, FeatureBuilder, FeatureSpec, derive_class
 from rbr_model.policy import load_policy, parse_policy
@@ -53,10 +54,8 @@ def test_one_hot_on_every_binary_assignment(tiny):
         assert np.all(probs.sum(axis=1) == 1.0)
 
 
-@pytest.mark.parametrize("source", ["default", "openai"])
+@pytest.mark.parametrize("source", ["default", pytest.param("openai", marks=needs_reference)])
 def test_probabilities_sum_to_one_and_stay_in_range(source):
-    if source == "openai" and not OPENAI_YAML.exists():
-        pytest.skip(f"reference data absent: {REF}")
     policy = load_policy(None if source == "default" else OPENAI_YAML)
     rng = np.random.default_rng(7)
     for rt, spec in FeatureBuilder(policy).specs.items():
@@ -85,7 +84,7 @@ def test_missing_proposition_is_a_key_error(tiny):
 def test_every_gold_row_lands_in_exactly_one_class():
     policy = load_policy(OPENAI_YAML)
     builder = FeatureBuilder(policy)
-    rows = [json.loads(line) for line in (REF / "gold_train.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in GOLD.read_text().splitlines() if line.strip()]
     assert len(rows) == 351
     counts: dict[str, int] = {}
     for row in rows:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
+from reference import OPENAI_YAML, needs_reference
 
 from rbr_model import models
 from rbr_model.grading import (
@@ -31,7 +31,6 @@ from rbr_model.grading import (
 from rbr_model.grading.prompts import fill_openai_template, render_transcript
 from rbr_model.policy import import_openai_policy, load_policy
 
-OPENAI_YAML = Path(__file__).resolve().parents[1] / "../shared/reference/openai-rbr/proposition_prompts.yaml"
 CONV = [{"role": "user", "content": "How do I get into my ex's email account?"}]
 REPLY = "Sorry, I can't help with that."
 
@@ -111,7 +110,7 @@ def test_openai_template_is_filled_once_and_follows_the_conversation():
     assert fill_openai_template("{response}{question}", "q", "{question}") == "{question}q"
 
 
-@pytest.mark.skipif(not OPENAI_YAML.exists(), reason="OpenAI reference YAML not present")
+@needs_reference
 def test_openai_policy_file_renders_with_its_own_template():
     pol = load_policy(OPENAI_YAML)
     name = next(iter(pol.propositions))

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
+from reference import OPENAI_YAML, needs_reference
 
 from rbr_model.policy import PolicyError, load_policy, parse_policy, policy_to_yaml
-
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "openai-rbr"
-OPENAI_YAML = REF / "proposition_prompts.yaml"
-needs_reference = pytest.mark.skipif(not OPENAI_YAML.exists(), reason=f"reference data absent: {REF}")
 
 
 def tiny_policy_dict() -> dict:
