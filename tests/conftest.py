@@ -33,6 +33,7 @@ from rbr_model.grading.vllm_engine import cpu_engine_env  # noqa: E402
 T = TypeVar("T")
 
 ENGINE_MAX_MODEL_LEN = 4096
+ENGINE_DTYPE = "float32"
 
 
 def _cpu_defaults() -> None:
@@ -41,6 +42,9 @@ def _cpu_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    # Apps and `rbr serve` subprocesses grade by prompt unless a test asks for heads (tests/test_heads_engine.py):
+    # the serving default (packaged heads) would start a second vLLM engine in every app a test builds.
+    os.environ.setdefault("RBR_HEADS", "none")
     cpu_engine_env()  # also for the vLLM server subprocesses some tests start
 
 
@@ -124,14 +128,20 @@ def grader_model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def grader_engine(grader_model_path: Path):
-    """The real CPU vLLM engine on the embedded model, shared by the whole run (prefix caching on)."""
+    """The real CPU vLLM engine on the embedded model, shared by the whole run (prefix caching on, float32).
+
+    float32 on every machine: the engine's default is bfloat16 on CPUs with native bf16 (AVX512_BF16/AMX), where
+    P(yes) moves by ~1e-2 against a float32 reference and the tolerances the tests derive from float32 arithmetic
+    (tests/tolerances.py) would not hold. The checkpoint is bfloat16, so float32 holds its weights exactly.
+    """
     from rbr_model.grading.vllm_engine import VLLMEngine
 
     # Built on this (the main) thread: vLLM forks its engine-core process, and forking from a helper thread
     # hung the child here. Construction binds nothing to a loop; the first request starts vLLM's output handler
     # on the loop thread, which then owns the engine.
     try:
-        inner = VLLMEngine(grader_model_path, max_model_len=ENGINE_MAX_MODEL_LEN, enable_prefix_caching=True)
+        inner = VLLMEngine(grader_model_path, max_model_len=ENGINE_MAX_MODEL_LEN, enable_prefix_caching=True,
+                           dtype=ENGINE_DTYPE)
     except GradingError as exc:
         pytest.fail(f"the grader engine did not start: {exc}")
     runner = LoopThread()

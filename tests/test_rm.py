@@ -11,7 +11,8 @@ one-label score head (`build_test_classifier`). Its scores mean nothing; they on
 
 Everything runs in float32 (the checkpoint is bfloat16; upcasting is exact): the comparison is then about the
 code path (chat rendering, last-token pooling, no activation on the head), not about bfloat16 rounding in two
-different kernel libraries, and 1e-3 is a loose bound (observed differences are ~1e-6).
+different kernel libraries. Two float32 paths then add the same terms in another order: TOL follows from that
+(tests/tolerances.py; observed: up to 6.3e-6 between vLLM and transformers on scores of magnitude < 1).
 
 At most one engine runs at a time: the in-process engine is class-scoped and shut down before the server starts.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tolerances import ENGINE_FP32_TOL
 
 from rbr_model.rm import (
     RemoteRMEngine,
@@ -43,7 +45,7 @@ from rbr_model.rm import (
     score_from_logits,
 )
 
-TOL = 1e-3
+TOL = ENGINE_FP32_TOL  # |score difference|: a logit (576-term dot product) summed in another fp32 order
 DTYPE = "float32"
 MAX_MODEL_LEN = 1024
 READY_TIMEOUT_S = float(os.environ.get("RBR_TEST_READY_TIMEOUT_S", "180"))
@@ -243,7 +245,8 @@ def test_test_classifier_is_labelled_and_idempotent(classifier_dir):
     stamp = (classifier_dir / "model.safetensors").stat().st_mtime_ns
     t0 = time.monotonic()
     assert build_test_classifier(classifier_dir, seed=0) == classifier_dir
-    assert time.monotonic() - t0 < 5 and (classifier_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (classifier_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten: no rebuild
+    print(f"second build_test_classifier call: {time.monotonic() - t0:.2f} s")
 
 
 @pytest.mark.engine
@@ -274,7 +277,7 @@ class TestVLLMEngine:
         first = await vllm_engine.score(CONVERSATIONS, COMPLETIONS)
         second = await vllm_engine.score(CONVERSATIONS, COMPLETIONS)
         assert len(first) == len(COMPLETIONS) and all(isinstance(s, float) and math.isfinite(s) for s in first)
-        assert first == pytest.approx(second, abs=1e-6)
+        assert first == pytest.approx(second, abs=TOL)  # another batch: fp32 order (no batch-invariance promise)
         assert len({round(s, 4) for s in first}) == len(first), first
         INPROCESS_SCORES[:] = first
         assert await vllm_engine.health() is True

@@ -74,6 +74,7 @@ async def test_reward_is_rm_plus_weighted_features(grader_engine):
         # Recompute independently: classes from the returned probabilities, then the dot product.
         x = spec.features(spec.matrix([res["features"]]))[0]
         classes = dict(zip(spec.classes, x[len(spec.propositions):], strict=True))
+        # float64 sums in another order than the service's: ~20 terms x 1e-16 x |w.x| (~10), so 1e-9 is ample
         assert res["classes"] == pytest.approx(classes, abs=1e-9)
         expected_rbr = sum(weights.weights["comply"].get(f, 0.0) * v
                            for f, v in zip(spec.feature_names, x, strict=True))
@@ -145,12 +146,13 @@ async def test_openrlhf_contract(grader_engine):
         ob = one.json()
         assert set(ob) == {"rewards", "scores", "extra_logs"} and len(ob["rewards"]) == 1
         assert set(ob["extra_logs"]) == set(eb["extra_logs"])
-        assert ob["rewards"][0] == pytest.approx(ob["extra_logs"]["rbr_reward"][0])
+        assert ob["rewards"][0] == ob["extra_logs"]["rbr_reward"][0]  # exact: rm_score 0.0 + rbr is rbr
         # The same completion through /v1/rewards gives the same reward (same split and cleaning).
         r = await client.post("/v1/rewards", json={"items": [{
             "prompt": [{"role": "user", "content": "Write a haiku about rain."}], "completion": "Soft rain on the roof",
             "response_type": "comply", "rm_score": 0.0}]})
-        assert r.json()["results"][0]["reward"] == pytest.approx(ob["rewards"][0])
+        res = r.json()["results"][0]
+        assert res["cached"] is True and res["reward"] == ob["rewards"][0]  # exact: the same cached features
         mixed = await client.post("/get_reward", json={"query": [query, query], "prompts": [prompt, prompt],
                                                        "labels": [None, "comply"]})
         mb = mixed.json()
@@ -239,7 +241,7 @@ async def test_reload_swaps_weights_and_refuses_mismatched_ones(grader_engine, t
         after = (await client.post("/v1/rewards", json={"items": [ITEM]})).json()
         assert after["weights_version"] != before["weights_version"]
         assert after["results"][0]["cached"] is True  # same policy and grader: features reused
-        assert after["results"][0]["reward"] != pytest.approx(before["results"][0]["reward"])
+        assert after["results"][0]["reward"] != pytest.approx(before["results"][0]["reward"])  # w(ideal) now 10
         wrong = Weights(policy_fingerprint="0" * 64, grader_id="x", weights={})
         r = await client.post("/v1/admin/reload", json={"weights_path": str(wrong.save(tmp_path / "bad.json"))},
                               headers=auth)
@@ -250,9 +252,14 @@ async def test_reload_swaps_weights_and_refuses_mismatched_ones(grader_engine, t
 
 
 async def test_metrics_and_readiness(grader_engine):
+    frozen_before = gc.get_freeze_count()  # earlier apps in this process froze their own startup objects
     async with serve(grader_engine) as client:
         assert (await client.get("/readyz")).status_code == 200
-        assert gc.get_freeze_count() > 0  # startup's long-lived objects are out of the collector's way (p99)
+        # This app's startup froze what it made out of the collector's way (p99): the serving state it built just
+        # before readiness is tracked by the collector yet in no generation it scans (gc.get_objects lists those).
+        serving = client.app.state.serving
+        assert gc.get_freeze_count() > frozen_before
+        assert gc.is_tracked(serving) and not any(o is serving for o in gc.get_objects())
         await client.post("/v1/rewards", json={"items": [ITEM]})
         text = (await client.get("/metrics")).text
         for name in ("rbr_requests_total", "rbr_request_duration_seconds_bucket", "rbr_judgments_total",
@@ -356,7 +363,8 @@ async def test_reload_lets_in_flight_requests_finish_on_the_old_weights(grader_e
         return sum(weights.weights["comply"].get(f, 0.0) * v for f, v in zip(spec.feature_names, x, strict=True))
 
     assert held["weights_version"] == old_weights.version != new_weights.version == after["weights_version"]
+    # float64 dot products summed in another order than the service's (~1e-14): 1e-9 is ample
     assert held["results"][0]["rbr_reward"] == pytest.approx(rbr(old_weights, held["results"][0]), abs=1e-9)
     assert after["results"][0]["cached"] is True and after["results"][0]["features"] == held["results"][0]["features"]
     assert after["results"][0]["rbr_reward"] == pytest.approx(rbr(new_weights, after["results"][0]), abs=1e-9)
-    assert after["results"][0]["rbr_reward"] != pytest.approx(held["results"][0]["rbr_reward"])
+    assert after["results"][0]["rbr_reward"] != pytest.approx(held["results"][0]["rbr_reward"])  # +10 x P(ideal)
