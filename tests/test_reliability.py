@@ -33,6 +33,7 @@ import pytest
 import uvicorn
 from redis_server import RedisServer
 
+from rbr_model.policy import load_policy
 from service.app import create_app
 from service.settings import Settings
 
@@ -387,21 +388,23 @@ async def _graded_round(client: httpx.AsyncClient, n: int) -> float:
     return time.perf_counter() - start
 
 
-async def test_overload_answers_429_and_admitted_throughput_holds(grader_engine, request):
-    per_item = 8  # comply propositions in the default policy
+async def test_overload_answers_429_and_only_admitted_work_reaches_the_engine(grader_engine, request):
+    per_item = len(load_policy(None).propositions_for("comply"))  # judgments per new comply item
     bound_items = 2
     clients, duration = 64, 25.0
     async with app_on(grader_engine, max_inflight_judgments=per_item * bound_items) as app, \
             live_server(app) as base:
+        grader = app.state.serving.grader
         limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
         async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-            # Baseline: the bound's worth of new items at once, twice, with nobody else around.
+            # Baseline (a figure for the report only): the bound's worth of new items at once, twice, alone.
             base_s = [await _graded_round(client, bound_items) for _ in range(2)]
             baseline = 2 * bound_items / sum(base_s)
             rss_before = rss_mib()
+            sent_before = grader.engine_requests
             codes: Counter[int] = Counter()
             missing_retry_after = 0
-            admitted_latency: list[float] = []
+            peak_inflight = 0.0
             stop = time.monotonic() + duration
 
             async def hammer() -> None:
@@ -409,50 +412,93 @@ async def test_overload_answers_429_and_admitted_throughput_holds(grader_engine,
                 while time.monotonic() < stop:
                     body = {"items": [_item(prompt=CONV, completion=unique("Name it Dough Nut."),
                                             response_type="comply")]}
-                    t = time.perf_counter()
                     r = await client.post("/v1/rewards", json=body)
                     codes[r.status_code] += 1
-                    if r.status_code == 200:
-                        admitted_latency.append(time.perf_counter() - t)
-                    elif r.status_code == 429:
+                    if r.status_code == 429:
                         missing_retry_after += not r.headers.get("retry-after", "").isdigit()
                         await asyncio.sleep(0.2)  # an impatient client: retries far sooner than Retry-After says
 
+            async def watch() -> None:
+                nonlocal peak_inflight
+                while time.monotonic() < stop:
+                    peak_inflight = max(peak_inflight, metric(app, "rbr_inflight_judgments"))
+                    await asyncio.sleep(0.01)
+
             start = time.perf_counter()
-            await asyncio.gather(*[hammer() for _ in range(clients)])
+            await asyncio.gather(watch(), *[hammer() for _ in range(clients)])
             elapsed = time.perf_counter() - start
             rss_after = rss_mib()
+            sent = grader.engine_requests - sent_before
             bound = app.state.pipeline.admission.limit
             assert metric(app, "rbr_inflight_judgments") == 0
     admitted = codes[200]
     overloaded = admitted / elapsed
-    ratio = overloaded / baseline
-    report(request, clients=clients, bound_judgments=bound, requests=sum(codes.values()),
-           statuses=json.dumps(dict(codes), sort_keys=True), missing_retry_after=missing_retry_after,
-           baseline_items_per_s=round(baseline, 3), overloaded_items_per_s=round(overloaded, 3),
-           throughput_ratio=round(ratio, 2), rss_mib_before=round(rss_before), rss_mib_after=round(rss_after))
+    # Figures, not assertions: throughput and memory depend on the machine and its load (benchmarks/ measures them).
+    report(request, clients=clients, bound_judgments=bound, peak_inflight_judgments=int(peak_inflight),
+           requests=sum(codes.values()), statuses=json.dumps(dict(codes), sort_keys=True),
+           missing_retry_after=missing_retry_after, engine_prompts=sent, baseline_items_per_s=round(baseline, 3),
+           overloaded_items_per_s=round(overloaded, 3), throughput_ratio=round(overloaded / baseline, 2),
+           rss_mib_before=round(rss_before), rss_mib_after=round(rss_after))
     assert set(codes) <= {200, 429}, codes
-    assert codes[429] > 10 * admitted and admitted >= 2, codes
+    assert codes[429] > 0 and admitted >= bound_items, codes  # the first wave fills the bound; the rest is refused
     assert missing_retry_after == 0
-    assert rss_after - rss_before < 256, "memory grew under overload"
-    # A collapse guard, not a performance figure: on a 2-core machine the 64 load clients and the 429 path take CPU
-    # from the engine, so the ratio sits near 0.5-0.6 and CI once measured 0.497. Throughput under rejection would
-    # collapse towards 0 if rejected requests reached the engine or held its slots; 0.25 catches that with margin.
-    assert ratio > 0.25, f"admitted throughput collapsed to {ratio:.2f} of the unloaded baseline"
+    # What a collapse under rejection would come from, checked directly instead of through a throughput ratio:
+    # a refused request reaching the engine (every prompt sent belongs to an admitted item, 8 each, each prompt
+    # unique), or admission letting more than the bound in.
+    assert sent == admitted * per_item, f"{sent} prompts reached the engine for {admitted} admitted items"
+    assert peak_inflight <= bound, f"{peak_inflight} judgments in flight, bound {bound}"
 
 
 # ---- 3c. a client that disconnects mid-request ---------------------------------------------------------------
+class HeldEngine:
+    """The real shared engine whose answers wait at a gate once computed: while the gate is closed no grading can
+    finish, so work that leaves the grader was cancelled, not completed. Every judgment comes from the real engine.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.outcomes: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, yes/no ids, max_model_len ... for the grader
+        return getattr(self.inner, name)
+
+    async def grade(self, prompts: Any) -> Any:
+        try:
+            out = await self.inner.grade(prompts)  # cancelled here: vLLM aborts the request
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.outcomes["cancelled"] += 1
+            raise
+        self.outcomes["completed"] += 1
+        return out
+
+    async def generate(self, prompts: Any, max_tokens: int = 256, temperature: float = 0.0, seed: Any = None) -> Any:
+        return await self.inner.generate(prompts, max_tokens, temperature, seed)
+
+    async def health(self) -> bool:
+        return await self.inner.health()
+
+    async def close(self) -> None:
+        pass  # the shared engine belongs to the test run
+
+
 async def test_client_disconnect_frees_engine_work(grader_engine, request):
-    async with app_on(grader_engine) as app, live_server(app) as base:
+    held = HeldEngine(grader_engine)
+    async with app_on(held) as app, live_server(app) as base:
         grader = app.state.serving.grader
         items = [_item(prompt=CONV, completion=unique("Perhaps Loaf Actually."), response_type="hard_refuse")]
         body = json.dumps({"items": items}).encode()
         port = int(base.rsplit(":", 1)[1])
+        held.gate.clear()  # from now on no grading can finish: only cancellation frees work
+        held.outcomes.clear()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /v1/rewards HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while metric(app, "rbr_inflight_judgments") == 0:
             assert time.monotonic() < deadline, "the request never reached the grader"
             await asyncio.sleep(0.01)
@@ -461,26 +507,31 @@ async def test_client_disconnect_frees_engine_work(grader_engine, request):
         busy = grader.in_flight
         closed_at = time.perf_counter()
         writer.close()  # the client goes away without reading the answer
-        deadline = time.monotonic() + 30
+        # The gate is closed, so this loop ends only if the disconnect cancels the work (a generous deadline: it
+        # is reached only when cancellation is broken).
+        deadline = time.monotonic() + 120
         while metric(app, "rbr_inflight_judgments") or grader.in_flight or metric(app, "rbr_inflight_requests"):
             assert time.monotonic() < deadline, "grading work kept running after the client left"
             await asyncio.sleep(0.01)
         freed_s = time.perf_counter() - closed_at
-        deadline = time.monotonic() + 10
+        outcomes = dict(held.outcomes)
+        deadline = time.monotonic() + 60
         while (unfinished := _engine_unfinished(grader_engine)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # vLLM's own abort lands a moment later
         cancelled = metric(app, "rbr_requests_total", route="/v1/rewards", code="499")
-        # What the whole request would have cost: the same items graded to the end.
+        held.gate.set()
+        # What the whole request would have cost (a figure for the report): the same items graded to the end.
         start = time.perf_counter()
         async with asgi_client(app) as client:
             r = await client.post("/v1/rewards", json={"items": items})
         assert r.status_code == 200
         full_s = time.perf_counter() - start
-    report(request, judgments_admitted=int(admitted), prompts_in_engine=busy, freed_after_s=round(freed_s, 2),
-           full_request_s=round(full_s, 2), engine_unfinished_after=unfinished, cancelled_requests=int(cancelled))
+    report(request, judgments_admitted=int(admitted), prompts_in_engine=busy, engine_calls=json.dumps(outcomes),
+           freed_after_s=round(freed_s, 2), full_request_s=round(full_s, 2), engine_unfinished_after=unfinished,
+           cancelled_requests=int(cancelled))
     assert cancelled == 1
     assert unfinished in (0, None)
-    assert freed_s < max(2.0, full_s / 2), "work was freed no sooner than finishing it would have taken"
+    assert outcomes.get("cancelled", 0) >= 1 and not outcomes.get("completed"), outcomes
 
 
 def _engine_unfinished(engine: Any) -> int | None:
