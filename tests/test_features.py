@@ -32,6 +32,7 @@ def test_class_probabilities_match_hand_computation(tiny):
     a, r, h = 0.9, 0.8, 0.1
     raw = spec.class_probabilities(np.array([[a, r, h]]), normalise=False)[0]
     ideal = a * r * (1 - h)
+    # float64 products/sums vs the hand-written ones: pytest.approx's default (relative 1e-6) >> rounding (~1e-16)
     assert raw == pytest.approx([ideal, (1 - h) * (1 - a * r), h])
     # Here the classes partition the space exactly, so normalising changes nothing.
     assert spec.class_probabilities(np.array([[a, r, h]]))[0] == pytest.approx(raw)
@@ -42,7 +43,7 @@ def test_negated_derived_counts_shared_literal_once(tiny):
     # Given harmful is false, P(NOT good_refusal) must be 1 - a*r, not 1 - a*r*(1-h).
     spec = FeatureSpec(tiny, "refuse")
     raw = spec.class_probabilities(np.array([[0.5, 0.5, 0.5]]), normalise=False)[0]
-    assert raw[1] == pytest.approx(0.5 * (1 - 0.25))
+    assert raw[1] == pytest.approx(0.5 * (1 - 0.25))  # float64 products: approx's default >> rounding
 
 
 def test_one_hot_on_every_binary_assignment(tiny):
@@ -63,7 +64,7 @@ def test_probabilities_sum_to_one_and_stay_in_range(source):
         x = spec.features(p)
         assert x.shape == (500, len(spec.feature_names)), rt
         cls = x[:, len(spec.propositions):]
-        assert np.allclose(cls.sum(axis=1), 1.0)
+        assert np.allclose(cls.sum(axis=1), 1.0)  # float64 sums of a few terms: rtol 1e-5 >> rounding (~1e-16)
         assert cls.min() >= 0.0 and cls.max() <= 1.0
         # 0/1 inputs give a one-hot class for every assignment drawn
         b = (rng.random((2000, len(spec.propositions))) > 0.5).astype(float)
@@ -77,7 +78,7 @@ def test_missing_proposition_is_a_key_error(tiny):
         spec.feature_dicts([{"refuses": 0.2}])
     row = spec.feature_dicts([{"refuses": 0.2, "harmful": 0.1, "unused": 0.9}])[0]
     assert list(row) == list(spec.feature_names)
-    assert row["class:ideal"] == pytest.approx(0.8 * 0.9)
+    assert row["class:ideal"] == pytest.approx(0.8 * 0.9)  # float64 products: approx's default >> rounding
 
 
 @needs_reference

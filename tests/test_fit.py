@@ -78,6 +78,7 @@ def test_recovers_known_ordering_on_heldout_prompts():
     assert np.sign(w[:5]).tolist() == np.sign(W_TRUE[:5]).tolist()
     # the metric agrees with pair_accuracy computed from the weights on the held-out rows
     held = [r for r in rows if r["prompt_id"] in fitter.heldout_prompts_]
+    # the same pairs counted from the same weights: approx's default only for float64 rounding of the scores
     assert pair_accuracy(held, ORDER, scores_of(held, fitter.weights_)) == pytest.approx(m["heldout_pair_accuracy"])
 
 
@@ -91,7 +92,9 @@ def test_prior_pulls_the_fit_toward_it_and_data_still_moves_it():
         return np.array([f.weights_.weights["refuse"][f"f{j}"] for j in range(W_TRUE.size)]), f
 
     stiff, f_stiff = fitted(1e6)
-    np.testing.assert_allclose(stiff, w_prior, atol=1e-4)  # a huge penalty keeps the prior exactly
+    # At the optimum 2 x decay x |w - prior| = |mean hinge gradient| <= the largest feature gap (~1), so the fit
+    # stays within 1 / 2e6 = 5e-7 of the prior; 1e-4 leaves room for the solver's stopping tolerance.
+    np.testing.assert_allclose(stiff, w_prior, atol=1e-4)
     assert f_stiff.weights_.metrics["settings"]["prior"] == "table"
     loose, f_loose = fitted(1e-4)
     # with little penalty the data wins: the (wrong-signed) prior is overturned and the ordering recovered
@@ -113,6 +116,7 @@ def test_margins_are_met_on_separable_data():
     rows = make_rows(prompts=40, noise=0.02)
     fitter = HingeFitter(margin=1.0, steps=500).fit(rows, ORDER)
     m = fitter.metrics_["refuse"]
+    # Newton's last smoothing band is 1e-3 of the margin wide: separable pairs settle within it of their margin
     assert m["train_margin_satisfied"] == 1.0 and m["train_hinge_loss"] < 1e-3, m
     s = scores_of(rows, fitter.weights_)
     for better, worse in [("ideal", "flawed"), ("flawed", "disallowed"), ("ideal", "disallowed")]:
@@ -218,7 +222,7 @@ def test_pair_accuracy_counts_within_prompt_pairs_and_half_ties():
         {"prompt_id": "p2", "response_type": "other", "completion_label": "flawed"},  # no ordering: ignored
     ]
     # p1 right; p2 tie (ideal > disallowed by closure). Cross-prompt p1-flawed vs p2-ideal never counts.
-    assert pair_accuracy(rows, ORDER, [1.0, 0.0, 5.0, 5.0, 100.0]) == pytest.approx(0.75)
+    assert pair_accuracy(rows, ORDER, [1.0, 0.0, 5.0, 5.0, 100.0]) == pytest.approx(0.75)  # (1 + 0.5) / 2
     assert np.isnan(pair_accuracy(rows[:1], ORDER, [1.0]))
 
 
@@ -227,6 +231,8 @@ def test_adam_solver_reaches_the_same_objective():
     newton = HingeFitter().fit(rows, ORDER).metrics_["refuse"]
     adam = HingeFitter(solver="adam", lr=0.05, steps=3000).fit(rows, ORDER).metrics_["refuse"]
     assert newton["steps_run"] < 100
+    # Adam on the exact hinge (subgradient, lr 0.05) stops near, not at, the optimum: 2% of the objective; the
+    # held-out accuracy may differ by a pair or two (2%). Full batch on seeded data: deterministic.
     assert adam["objective"] == pytest.approx(newton["objective"], rel=0.02, abs=1e-3)
     assert adam["heldout_pair_accuracy"] == pytest.approx(newton["heldout_pair_accuracy"], abs=0.02)
 
@@ -426,7 +432,7 @@ def test_cli_fit_prior_is_recorded_and_a_missing_prior_is_an_error(tmp_path):
     w1, w2 = Weights.load(first), Weights.load(second)
     assert w2.metrics["settings"]["prior"]["weights_version"] == w1.version
     for name, value in w1.weights["refuse"].items():
-        assert w2.weights["refuse"][name] == pytest.approx(value, abs=1e-4)
+        assert w2.weights["refuse"][name] == pytest.approx(value, abs=1e-4)  # decay 1e6: within 5e-7 (see above)
     res = runner.invoke(app, [*base, "--out", str(second), "--prior", str(tmp_path / "nope.json")])
     assert res.exit_code == 2 and "--prior" in res.output
 

@@ -166,6 +166,7 @@ def test_discover_skips_multi_token_and_duplicate_spellings():
 def test_judgment_arithmetic():
     lp = {1: math.log(0.3), 2: math.log(0.1), 3: math.log(0.2), 4: -math.inf}
     j = judgment_from_logprobs(lp, (1, 2), (3, 4), prompt_tokens=9, cached_tokens=0)
+    # logsumexp of float64 logs vs the ratio written out: approx's default (relative 1e-6) >> rounding (~1e-15)
     assert j.p_yes == pytest.approx(0.4 / 0.6) and j.yes_no_mass == pytest.approx(0.6)
     assert j.prompt_tokens == 9
     # Extreme but finite log-probabilities stay finite and in range.
@@ -275,7 +276,7 @@ async def test_grader_applies_calibration_and_versions_it(policy):
     eng = CountingEngine(FakeTokenizer())
     raw = (await Grader(eng, policy).grade(items(1)))[0]
     cal = (await Grader(eng, policy, calibration=Shift()).grade(items(1)))[0]
-    assert cal["apology"] == pytest.approx(min(1.0, raw["apology"] + 0.1))
+    assert cal["apology"] == pytest.approx(min(1.0, raw["apology"] + 0.1))  # one float64 addition, same order
     assert cal["judgmental"] == raw["judgmental"]
     fps = {Grader(eng, policy).fingerprint, Grader(eng, policy, calibration=Shift()).fingerprint,
            Grader(eng, policy, layout="conversation_first").fingerprint}

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -354,7 +355,7 @@ async def test_hostile_inputs_get_4xx_naming_the_field(grader_engine, request):
             odd = unique("Tabs\tbells\u0007 escapes\u001b[0m and a NUL\u0000 in the reply.")
             r = await client.post("/v1/rewards", json={"items": [_item(completion=odd, response_type="comply")]})
             assert r.status_code == 200, r.text
-            assert -1e6 < r.json()["results"][0]["reward"] < 1e6
+            assert math.isfinite(r.json()["results"][0]["reward"])  # a real number, whatever its value
             outcomes.append(("escaped control characters (valid)", r.status_code, None))
             # The process is still healthy and serves.
             assert (await client.get("/healthz")).status_code == 200

@@ -40,7 +40,7 @@ def test_reward_is_rm_plus_dot_product(tiny):
     model = RewardModel(tiny, make_weights(tiny))
     spec = FeatureSpec(tiny, "refuse")
     x = spec.features(np.array([[0.9, 0.8, 0.1]]))
-    expected = 0.5 * 0.9 + 2.0 * x[0, 3] - 3.0 * x[0, 5]
+    expected = 0.5 * 0.9 + 2.0 * x[0, 3] - 3.0 * x[0, 5]  # float64, summed in another order: approx's default
     assert model.rbr("refuse", x)[0] == pytest.approx(expected)
     feats = dict(zip(spec.feature_names, x[0], strict=True))
     assert model.rbr_from_dict("refuse", feats) == pytest.approx(expected)

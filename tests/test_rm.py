@@ -81,7 +81,7 @@ def test_score_rule_one_label_is_the_raw_logit():
     assert score_from_logits([-12.0]) == -12.0  # unbounded: no sigmoid
 
 
-def test_score_rule_many_labels_is_the_probability_of_the_last():
+def test_score_rule_many_labels_is_the_probability_of_the_last():  # float64 softmax: approx's default >> rounding
     assert score_from_logits([0.0, 0.0]) == pytest.approx(0.5)
     assert score_from_logits([1.0, 2.0, 3.0]) == pytest.approx(math.exp(3) / (math.exp(1) + math.exp(2) + math.exp(3)))
     assert score_from_logits([1000.0, 0.0]) == pytest.approx(0.0)  # stable for large logits

@@ -18,6 +18,7 @@ def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
         Settings()
     assert "RBR_GPU_MEMORY_UTILIZATION (0.85) + RBR_RM_GPU_MEMORY_UTILIZATION (0.3) exceed 1" in str(err.value)
     monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.6")
+    # 0.6 + 0.3 is 0.8999999999999999 in float64: approx's default (relative 1e-6) absorbs the rounding
     assert Settings().gpu_memory_utilization + Settings().rm_gpu_memory_utilization == pytest.approx(0.9)
     monkeypatch.setenv("RBR_RM_ENGINE", "remote")  # a remote RM takes no memory here
     monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.9")
