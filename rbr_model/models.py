@@ -155,3 +155,101 @@ def _read_marker(folder: Path) -> dict:
         return json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+# ---- the heads' trunk: the grader model cut after a middle layer ----------------------------------------------
+
+DEFAULT_TRUNK_LAYER = 15  # of SmolLM2-135M's 30: the middle layer measured best for heads (docs/grader-accuracy.md)
+TRUNK_RECIPE_VERSION = "1"
+# Config keys that say nothing about the computation (they change with the transformers release that saved it).
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"}
+
+
+def trunk_path(layer: int = DEFAULT_TRUNK_LAYER, source: str | Path | None = None) -> Path:
+    base = Path(source).resolve() if source is not None else default_model_path()
+    return base.parent / f"{base.name}-trunk{layer}"
+
+
+def model_hash(folder: str | Path) -> str:
+    """sha256 over a model folder's config (computation keys only) and its safetensors files, read in name order.
+
+    The same weights and architecture give the same hash whichever transformers release saved them. Recorded in
+    a trunk's marker, so reading it is free; computed (~0.5 s for 160 MB) for a folder without one.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    marker = _read_marker(folder)
+    if marker.get("hash"):
+        return str(marker["hash"])
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}/config.json: cannot read: {exc}") from None
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
+                                  sort_keys=True).encode())
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{folder}: no *.safetensors files")
+    for f in weights:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_trunk(layer: int = DEFAULT_TRUNK_LAYER, source: str | Path | None = None, force: bool = False) -> Path:
+    """The first `layer` decoder layers of `source` (default: the embedded model) saved as a model of their own.
+
+    vLLM's pooling runner then computes layer `layer` and stops, and `hf_overrides={"num_hidden_layers": L}`
+    is not an alternative (vLLM 0.32's loader rejects the weights of the dropped layers). The embeddings and the
+    final norm are kept; the LM head is tied to the embeddings and unused by the pooling runner. Idempotent and
+    reproducible: the marker records the layer, the source's hash and the trunk's own hash.
+    """
+    src = Path(source).resolve() if source is not None else prepare()
+    target = trunk_path(layer, src)
+    if is_trunk_prepared(target, layer) and not force:
+        return target
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ModelError(f"cutting the trunk needs torch and transformers: {exc}") from exc
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
+    total = int(model.config.num_hidden_layers)
+    if not 1 <= layer <= total:
+        raise ModelError(f"--trunk-layer {layer}: {src.name} has layers 1..{total}")
+    inner = getattr(model, "model", None)
+    if inner is None or not isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        raise ModelError(f"{src}: cannot find the decoder layers (model.model.layers) to cut")
+    inner.layers = inner.layers[:layer]
+    model.config.num_hidden_layers = layer
+    for key in ("layer_types", "sliding_window_pattern"):  # per-layer lists must shrink with the layers
+        value = getattr(model.config, key, None)
+        if isinstance(value, list):
+            setattr(model.config, key, value[:layer])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(work, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(work)
+        info = {"recipe": TRUNK_RECIPE_VERSION, "kind": "trunk", "layer": layer, "source_layers": total,
+                "source": src.name, "source_hash": model_hash(src), "hash": model_hash(work),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (work / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        work.chmod(0o755)
+        for f in work.iterdir():
+            f.chmod(0o644)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def is_trunk_prepared(path: str | Path, layer: int) -> bool:
+    marker = _read_marker(Path(path))
+    return marker.get("recipe") == TRUNK_RECIPE_VERSION and marker.get("layer") == layer and bool(marker.get("hash"))

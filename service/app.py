@@ -67,7 +67,59 @@ def rm_engine_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def build_grader(engine: Any, model: RewardModel, settings: Settings) -> Any:
+def load_heads(settings: Settings, policy: Any, heads_path: str | None = None) -> Any:
+    """The heads to serve, or None. `auto` takes the packaged heads only where they fit (default policy and
+    embedded grader) and quietly grades by prompt otherwise; an explicit file must fit or it is an error."""
+    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
+
+    choice = heads_path or settings.heads
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if settings.grader_model or settings.engine == "remote" or not packaged_heads_path().is_file():
+            return None
+        heads = Heads.load(packaged_heads_path())
+        try:
+            heads.check_policy(policy)
+        except HeadsError:
+            log.info("packaged heads are for the default policy; %s is graded by prompts only", policy.name)
+            return None
+        return heads
+    heads = Heads.load(choice)
+    heads.check_policy(policy)
+    return heads
+
+
+def build_state_engine(settings: Settings, heads: Any) -> Any:
+    """The engine that runs the heads' trunk: vLLM's pooling runner in process, or a remote pooling server."""
+    from rbr_model import models
+
+    layer = int(heads.grader["layer"])
+    if settings.engine == "remote":
+        from rbr_model.grading.states import RemoteStateEngine
+
+        if not settings.heads_url or not settings.heads_trunk:
+            raise ValueError("heads with RBR_ENGINE=remote need RBR_HEADS_URL and RBR_HEADS_TRUNK (a local copy of "
+                             "the served trunk); or set RBR_HEADS=none")
+        key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
+        return RemoteStateEngine(settings.heads_url, settings.heads_trunk, api_key=key,
+                                 max_model_len=settings.max_model_len)
+    from rbr_model.grading.states import VLLMStateEngine
+
+    trunk = settings.heads_trunk or str(models.prepare_trunk(layer))
+    return VLLMStateEngine(trunk, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+                           enforce_eager=settings.enforce_eager,
+                           gpu_memory_utilization=0.05 if _on_gpu() else None)
+
+
+def _on_gpu() -> bool:
+    from rbr_model.grading.vllm_engine import _on_gpu as on_gpu
+
+    return on_gpu()
+
+
+def build_grader(engine: Any, model: RewardModel, settings: Settings, heads: Any = None,
+                 state_engine: Any = None) -> Any:
     from rbr_model.grading.grader import Grader
 
     calibration = None
@@ -76,7 +128,8 @@ def build_grader(engine: Any, model: RewardModel, settings: Settings) -> Any:
 
         calibration = Calibration.load(settings.calibration_path)
     return Grader(engine, model.policy, calibration=calibration, max_in_flight=settings.max_inflight_judgments,
-                  layout=settings.grader_layout)
+                  layout=settings.grader_layout, heads=heads if state_engine is not None else None,
+                  state_engine=state_engine)
 
 
 class ObserveMiddleware:
@@ -145,8 +198,10 @@ async def _bounded_body(receive: Any, limit: int) -> tuple[Any, bool]:
     return replay, False
 
 
-def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: Any = None) -> FastAPI:
-    """Build the app. Pass `engine` to share one already-started grader engine (tests, embedding)."""
+def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: Any = None,
+               state_engine: Any = None) -> FastAPI:
+    """Build the app. Pass `engine` (and `state_engine`, the heads' trunk) to share already-started engines
+    (tests, embedding)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -162,9 +217,12 @@ def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: 
                                       rm_engine=rm_engine, default_rm_score=settings.default_rm_score)
         app.state.model = model
         own_engine, own_rm = engine is None, rm_engine is None
-        app.state.engine_task = asyncio.create_task(_start_engine(app, settings, engine, model))
-        log.info("rbr-serve starting: policy %s, weights %s, cache %s", model.policy.short_version,
-                 model.weights.version, cache.backend)
+        heads = load_heads(settings, model.policy)  # a bad heads file stops the start, naming file and field
+        app.state.engine_task = asyncio.create_task(_start_engine(app, settings, engine, model, heads,
+                                                                  state_engine))
+        log.info("rbr-serve starting: policy %s, weights %s, cache %s, heads %s", model.policy.short_version,
+                 model.weights.version, cache.backend,
+                 f"{len(heads.propositions)} from {heads.source}" if heads is not None else "none")
         try:
             yield
         finally:
@@ -174,6 +232,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: 
             await asyncio.gather(app.state.engine_task, return_exceptions=True)
             if own_engine and app.state.engine is not None:
                 await app.state.engine.close()
+            if state_engine is None and app.state.state_engine is not None:
+                await app.state.state_engine.close()
             if own_rm and app.state.pipeline.rm_engine is not None:
                 await app.state.pipeline.rm_engine.close()
             await cache.close()
@@ -189,6 +249,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, rm_engine: 
     app.state.metrics = metrics
     app.state.serving = None
     app.state.engine = None
+    app.state.state_engine = None
     app.state.ready = False
     app.state.engine_error = None
     app.state.reward_keys = [k.get_secret_value() for k in settings.api_keys]
@@ -211,7 +272,8 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-async def _start_engine(app: FastAPI, settings: Settings, engine: Any, model: RewardModel) -> None:
+async def _start_engine(app: FastAPI, settings: Settings, engine: Any, model: RewardModel, heads: Any = None,
+                        state_engine: Any = None) -> None:
     metrics: Metrics = app.state.metrics
     try:
         if engine is None:
@@ -220,16 +282,21 @@ async def _start_engine(app: FastAPI, settings: Settings, engine: Any, model: Re
             if start is not None:
                 await start()
         app.state.engine = engine
+        if heads is not None and state_engine is None:
+            state_engine = await asyncio.to_thread(build_state_engine, settings, heads)
+        app.state.state_engine = state_engine
         pipeline: Pipeline = app.state.pipeline
         if pipeline.rm_engine is None and settings.rm_engine != "none":
             from rbr_model.rm import build_rm_engine
 
             pipeline.rm_engine = await asyncio.to_thread(
                 build_rm_engine, settings.rm_engine, settings.rm_model, settings.rm_url, **rm_engine_options(settings))
-        grader = build_grader(engine, model, settings)
-        # Warm up: one real judgment proves the engine answers before we call ourselves ready.
-        await grader.grade([([{"role": "user", "content": "Hello"}], "Hi there!",
-                             [next(iter(model.policy.propositions))])])
+        grader = build_grader(engine, model, settings, heads, state_engine)
+        # Warm up: one real judgment per method in use proves the engines answer before we call ourselves ready.
+        warm = [next(iter(model.policy.propositions))]
+        if heads is not None:
+            warm += [heads.propositions[0]] + [n for n in model.policy.propositions if n not in heads][:1]
+        await grader.grade([([{"role": "user", "content": "Hello"}], "Hi there!", list(dict.fromkeys(warm)))])
         app.state.serving = ServingState(model.policy, model, grader, generation=1)
         freeze_long_lived_objects()
         app.state.ready = True

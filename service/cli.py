@@ -44,6 +44,18 @@ def serve(
     except ValidationError as exc:
         raise fail(f"invalid settings: {settings_problems(exc)}") from None
 
+    # Policy, weights and heads are checked here too, so a bad file is one line naming it, not a traceback.
+    from rbr_model.heads import HeadsError
+    from rbr_model.policy import PolicyError
+    from rbr_model.reward import WeightsError
+    from service.app import load_heads, load_reward_model
+
+    try:
+        model = load_reward_model(settings.policy_path, settings.weights_path)
+        load_heads(settings, model.policy)
+    except (HeadsError, PolicyError, WeightsError) as exc:
+        raise fail(str(exc)) from None
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)

@@ -107,6 +107,8 @@ class PolicyInfo(Schema):
 class ReloadRequest(Schema):
     policy_path: str | None = Field(default=None, description="New policy file; default: the configured one.")
     weights_path: str | None = Field(default=None, description="New weights file; default: the configured one.")
+    heads_path: str | None = Field(default=None, description="New heads file (same trunk as the running one); "
+                                   "default: the configured heads.")
 
 
 class ReloadResponse(Schema):

@@ -42,6 +42,19 @@ class Settings(BaseSettings):
         4096, description="Judgments admitted at once; a request that would exceed it gets 429."
     )
     calibration_path: str | None = Field(None, description="Per-proposition calibration JSON for P(yes).")
+    heads: str = Field(
+        "auto",
+        description="Learned proposition heads: a heads file (`rbr heads fit`), `none` (prompted grader only), or "
+        "`auto`: the packaged heads when the policy is the packaged default and the grader the embedded model. "
+        "Headed propositions are graded by one trunk forward pass per completion; the others by their prompt.",
+    )
+    heads_trunk: str | None = Field(
+        None, description="Trunk folder for the heads (a model cut after the heads' layer); default: the embedded "
+        "model's trunk at that layer (rbr model prepare). With engine=remote: a local copy of the served trunk.",
+    )
+    heads_url: str | None = Field(
+        None, description="Base URL of a vLLM server running the trunk with --runner pooling (engine=remote).",
+    )
     grader_layout: Literal["proposition_first", "conversation_first"] = Field(
         "proposition_first",
         description="Which part of a grading prompt comes first and is shared through the prefix cache: the "

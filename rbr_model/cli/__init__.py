@@ -28,6 +28,7 @@ _COMMANDS = [
     ("rbr_model.cli.fit_cmd", "fit", "fit"),
     ("rbr_model.cli.model_cmd", "model_app", "model"),
     ("rbr_model.cli.eval_cmd", "eval_app", "eval"),
+    ("rbr_model.cli.heads_cmd", "heads_app", "heads"),
     ("rbr_model.cli.synth_cmd", "synth", "synth"),
     ("rbr_model.cli.report_cmd", "report", "report"),
 ]

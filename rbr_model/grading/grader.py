@@ -1,9 +1,11 @@
 """The `Grader`: (conversation, completion, propositions) items in, calibrated P(yes) per proposition out.
 
 It renders one prompt per (item, proposition), sends each distinct prompt to the engine once, and lets the
-engine batch everything in flight. Two callers that need the same prompt at the same time share one engine
-request (an in-flight map from prompt text to its task). A semaphore bounds how many prompts are in the
-engine at once, so a burst of callers queues here instead of inside the engine.
+engine batch everything in flight. Propositions that the loaded heads cover are graded instead by one forward
+pass of the trunk per item (`StateEngine`), shared by all of that item's headed propositions. Two callers that
+need the same prompt (or heads input) at the same time share one engine request (an in-flight map from the key
+to its task). A semaphore bounds how many requests are in the engines at once, so a burst of callers queues
+here instead of inside the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from rbr_model.grading.engine import Engine, GradingError, Judgment
 from rbr_model.grading.prompts import DEFAULT_LAYOUT, Layout, Message, PromptError, PromptRenderer
@@ -22,6 +26,10 @@ from rbr_model.policy import Policy
 
 # How P(yes) is read from the answer token's distribution; part of the fingerprint.
 SCORING_VERSION = "yes-no-sum-ratio-1"
+
+if TYPE_CHECKING:
+    from rbr_model.grading.states import StateEngine
+    from rbr_model.heads import HeadInput, Heads
 
 GradeItem = tuple[Sequence[Message], str, Sequence[str]]  # (conversation, completion, proposition names)
 
@@ -40,7 +48,7 @@ class Calibration(Protocol):
 
 @dataclass
 class _Flight:
-    task: asyncio.Task[Judgment]
+    task: asyncio.Task[Any]  # a Judgment (prompt) or the heads' P(yes) row (heads input)
     waiters: int = 0
 
 
@@ -49,6 +57,9 @@ class Grader:
 
     `tokenizer` supplies the grader model's chat template; by default the engine's own (`engine.tokenizer`).
     `max_in_flight` caps the distinct prompts sent to the engine at once (across all callers).
+    `heads` (with the `state_engine` that runs their trunk) grade the propositions they cover; they are checked
+    against the policy and the trunk here, so a mismatch fails at load with `HeadsError`. Calibration applies to
+    prompted propositions only: heads are fitted to labels directly.
     """
 
     def __init__(
@@ -60,6 +71,8 @@ class Grader:
         *,
         layout: Layout = DEFAULT_LAYOUT,
         max_in_flight: int = 256,
+        heads: Heads | None = None,
+        state_engine: StateEngine | None = None,
     ):
         tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
         if tokenizer is None:
@@ -74,8 +87,20 @@ class Grader:
         self.renderer = PromptRenderer(policy, tokenizer, layout)
         self.max_in_flight = max_in_flight
         self._sem = asyncio.Semaphore(max_in_flight)
-        self._in_flight: dict[str, _Flight] = {}
+        self._in_flight: dict[str | HeadInput, _Flight] = {}
         self.engine_requests = 0  # distinct prompts actually sent to the engine (for metrics and tests)
+        self.head_requests = 0  # distinct forward passes sent to the heads' engine
+        self.heads = heads
+        self.state_engine = state_engine
+        if heads is not None:
+            if state_engine is None:
+                raise ValueError("heads need the state_engine that runs their trunk")
+            heads.check_policy(policy)
+            heads.check_model(state_engine.model_id, state_engine.model_hash, state_engine.hidden_size)
+
+    def method(self, proposition: str) -> str:
+        """"head" when the loaded heads grade this proposition, else "prompt"."""
+        return "head" if self.heads is not None and proposition in self.heads else "prompt"
 
     # ---- identity -------------------------------------------------------------------------------------
     @cached_property
@@ -91,6 +116,8 @@ class Grader:
                 "template": self.renderer.version,
                 "scoring": SCORING_VERSION,
                 "calibration": _calibration_id(self.calibration),
+                # Only present with heads, so prompted-only graders keep the fingerprint their caches hold.
+                **({"heads": self.heads.fingerprint} if self.heads is not None else {}),
             },
             sort_keys=True,
         )
@@ -105,8 +132,11 @@ class Grader:
     def render(self, conversation: Sequence[Message], completion: str, proposition: str) -> str:
         return self.renderer.render(conversation, completion, proposition)
 
-    def _prompts(self, items: Sequence[GradeItem]) -> list[list[tuple[str, str]]]:
-        out = []
+    def _prompts(self, items: Sequence[GradeItem]) -> tuple[list[list[tuple[str, str]]], list[Any]]:
+        """Per item: (name, prompt) for its prompted propositions, and its heads input (None when none is headed)."""
+        from rbr_model.heads import build_input
+
+        prompted, head_inputs = [], []
         for i, item in enumerate(items):
             try:
                 conversation, completion, names = item
@@ -114,8 +144,13 @@ class Grader:
                 raise PromptError(f"items[{i}]: expected (conversation, completion, propositions)") from None
             if isinstance(names, str):
                 raise PromptError(f"items[{i}]: propositions must be a list of names, not a string")
-            out.append([(name, self.render(conversation, completion, name)) for name in names])
-        return out
+            headed = [n for n in names if self.method(n) == "head"]
+            prompted.append([(n, self.render(conversation, completion, n)) for n in names if n not in headed])
+            head_inputs.append(
+                build_input(self.state_engine.tokenizer, conversation, completion, self.state_engine.max_model_len)
+                if headed else None
+            )
+        return prompted, head_inputs
 
     # ---- grading --------------------------------------------------------------------------------------
     async def grade(self, items: Sequence[GradeItem]) -> list[dict[str, float]]:
@@ -123,42 +158,55 @@ class Grader:
         judged = await self.grade_judgments(items)
         cal = self.calibration
         return [
-            {name: (cal.apply(name, j.p_yes) if cal else j.p_yes) for name, j in per_item.items()}
+            {name: (cal.apply(name, j.p_yes) if cal and self.method(name) == "prompt" else j.p_yes)
+             for name, j in per_item.items()}
             for per_item in judged
         ]
 
     async def grade_judgments(self, items: Sequence[GradeItem]) -> list[dict[str, Judgment]]:
         """Raw (uncalibrated) judgments with their yes/no mass, one dict per item, in order."""
-        rendered = self._prompts(items)  # all prompt errors surface before any engine work
+        rendered, head_inputs = self._prompts(items)  # all input errors surface before any engine work
+        unique_inputs = list(dict.fromkeys(h for h in head_inputs if h is not None))
         unique = list(dict.fromkeys(p for per_item in rendered for _, p in per_item))
-        flights = [self._join(p) for p in unique]
+        flights = [self._join(p) for p in unique] + [self._join(h) for h in unique_inputs]
         try:
             results = await asyncio.gather(*(asyncio.shield(f.task) for f in flights), return_exceptions=True)
         except asyncio.CancelledError:
             self._leave(flights)
             raise
         self._leave(flights)
-        by_prompt: dict[str, Judgment] = {}
-        for prompt, res in zip(unique, results, strict=True):
+        by_key: dict[Any, Any] = {}
+        for key, res in zip([*unique, *unique_inputs], results, strict=True):
             if isinstance(res, BaseException):
                 if isinstance(res, GradingError):
                     raise res
                 if isinstance(res, asyncio.CancelledError):
                     raise GradingError("grading was cancelled by another caller", retryable=True)
                 raise GradingError(f"grading failed: {type(res).__name__}: {res}") from res
-            by_prompt[prompt] = res
-        return [{name: by_prompt[p] for name, p in per_item} for per_item in rendered]
+            by_key[key] = res
+        out = []
+        for (_, _, names), per_item, head_input in zip(items, rendered, head_inputs, strict=True):
+            judged = {name: by_key[p] for name, p in per_item}
+            if head_input is not None:
+                row = by_key[head_input]
+                for name in names:
+                    if name not in judged:
+                        judged[name] = Judgment(p_yes=float(row[self.heads.propositions.index(name)]),
+                                                yes_no_mass=1.0, prompt_tokens=len(head_input.ids))
+            out.append({name: judged[name] for name in names})
+        return out
 
-    def _join(self, prompt: str) -> _Flight:
-        flight = self._in_flight.get(prompt)
+    def _join(self, key: str | HeadInput) -> _Flight:
+        flight = self._in_flight.get(key)
         if flight is None:
-            flight = _Flight(asyncio.ensure_future(self._send(prompt)))
-            self._in_flight[prompt] = flight
-            flight.task.add_done_callback(lambda _t, p=prompt, f=flight: self._land(p, f))
+            work = self._send(key) if isinstance(key, str) else self._send_heads(key)
+            flight = _Flight(asyncio.ensure_future(work))
+            self._in_flight[key] = flight
+            flight.task.add_done_callback(lambda _t, p=key, f=flight: self._land(p, f))
         flight.waiters += 1
         return flight
 
-    def _land(self, prompt: str, flight: _Flight) -> None:
+    def _land(self, prompt: str | HeadInput, flight: _Flight) -> None:
         if self._in_flight.get(prompt) is flight:
             del self._in_flight[prompt]
 
@@ -174,6 +222,13 @@ class Grader:
             self.engine_requests += 1
             (judgment,) = await self.engine.grade([prompt])
             return judgment
+
+    async def _send_heads(self, head_input: HeadInput) -> np.ndarray:
+        """P(yes) of every head for one item: one trunk forward pass, then a dot product per head."""
+        async with self._sem:
+            self.head_requests += 1
+            pooled = await self.state_engine.pooled([head_input])
+            return self.heads.predict(pooled)[0]
 
 
 def _calibration_id(calibration: Any) -> Any:

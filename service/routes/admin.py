@@ -24,7 +24,8 @@ log = logging.getLogger("rbr.admin")
              responses={code: {"model": ErrorResponse} for code in (401, 403, 422, 503)})
 async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load policy and weights again (or from new paths); requests in flight finish on the old ones."""
-    from service.app import build_grader, load_reward_model
+    from rbr_model.heads import HeadsError
+    from service.app import build_grader, load_heads, load_reward_model
 
     app = request.app
     settings = app.state.settings
@@ -33,7 +34,8 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadR
         old = serving_state(request)
         policy_path = body.policy_path or settings.policy_path
         weights_path = body.weights_path or settings.weights_path
-        for field, path in (("policy_path", body.policy_path), ("weights_path", body.weights_path)):
+        for field, path in (("policy_path", body.policy_path), ("weights_path", body.weights_path),
+                            ("heads_path", body.heads_path)):
             # Only regular files: a device (/dev/zero) or a FIFO would block or exhaust memory while loading.
             if path and not os.path.isfile(path):  # isfile is False for a NUL byte or a name too long, too
                 app.state.metrics.reloads.labels("error").inc()
@@ -44,7 +46,14 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadR
             app.state.metrics.reloads.labels("error").inc()
             field = "weights_path" if isinstance(exc, WeightsError) else "policy_path"
             raise InvalidRequest(f"{field}: {str(exc)[:500]}", field=field) from None
-        grader = build_grader(app.state.engine, model, settings)
+        try:
+            heads = await asyncio.to_thread(load_heads, settings, model.policy, body.heads_path)
+            if heads is not None and app.state.state_engine is None:
+                raise HeadsError(f"{heads.source}: this process runs no heads engine; restart it with RBR_HEADS set")
+            grader = build_grader(app.state.engine, model, settings, heads, app.state.state_engine)
+        except (HeadsError, OSError, ValueError) as exc:
+            app.state.metrics.reloads.labels("error").inc()
+            raise InvalidRequest(f"heads_path: {str(exc)[:500]}", field="heads_path") from None
         app.state.serving = ServingState(model.policy, model, grader, generation=old.generation + 1)
         app.state.metrics.reloads.labels("ok").inc()
         log.info("reloaded: policy %s, weights %s (generation %d)", model.policy.short_version,
