@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -308,12 +309,17 @@ async def test_grader_errors_are_errors(policy):
 
 
 async def test_cancelled_caller_cancels_only_unshared_work(policy):
-    eng = CountingEngine(FakeTokenizer(), delay=0.5)
+    eng = CountingEngine(FakeTokenizer(), delay=3.0)
     grader = Grader(eng, policy)
     lone = asyncio.ensure_future(grader.grade(items(1)))
     shared_a = asyncio.ensure_future(grader.grade(items(2)[1:]))
     shared_b = asyncio.ensure_future(grader.grade(items(2)[1:]))
-    await asyncio.sleep(0.05)
+    # Cancel once all 4 distinct prompts are at the engine, not after a fixed sleep: the engine then holds them
+    # 3 s, so the cancellation lands first even when a loaded machine stalls this loop for a while.
+    deadline = time.monotonic() + 30.0  # reached only if the grader never sends them
+    while eng.active < 4:
+        assert time.monotonic() < deadline, f"only {eng.active} of 4 prompts reached the engine"
+        await asyncio.sleep(0.01)
     lone.cancel()
     shared_a.cancel()
     with pytest.raises(asyncio.CancelledError):
