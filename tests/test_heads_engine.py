@@ -220,3 +220,28 @@ def test_heads_fit_cli_end_to_end(tmp_path, trunk):
     shown = subprocess.run([RBR, "heads", "show", str(out)], capture_output=True,
                            text=True, timeout=120)
     assert shown.returncode == 0 and "apology" in shown.stdout and heads.fingerprint[:12] in shown.stdout
+
+
+async def test_remote_pooling_server_gives_the_same_states(state_engine, trunk, tmp_path):
+    """`RBR_ENGINE=remote`: a real vLLM server on the trunk with the pooling runner, read by RemoteStateEngine."""
+    from test_grading_engine import VLLMServer
+
+    from rbr_model.grading.engine import GradingError
+    from rbr_model.grading.states import RemoteStateEngine
+
+    pooler = json.dumps({"task": "token_embed", "use_activation": False})
+    server = VLLMServer(trunk, tmp_path / "pooling-server.log", "--runner", "pooling", "--pooler-config", pooler)
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        remote = RemoteStateEngine(server.url, trunk)
+        assert remote.model_hash == state_engine.model_hash and await remote.health()
+        inputs = [build_input(remote.tokenizer, c, x, 4096) for c, x in ITEMS]
+        theirs, mine = await remote.pooled(inputs), await state_engine.pooled(inputs)
+        # Both float32 (the server gets --dtype float32), batched differently: same arithmetic, other order.
+        assert np.allclose(theirs, mine, rtol=1e-4, atol=1e-4)
+        assert np.max(np.abs(HEADS.predict(theirs) - HEADS.predict(mine))) < P_TOL
+        await remote.close()
+        with pytest.raises(GradingError, match="closed"):
+            await remote.pooled(inputs)
+    finally:
+        server.stop()

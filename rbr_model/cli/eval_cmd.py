@@ -217,6 +217,8 @@ def grader(
         raise fail(f"--method must be heads, prompt or both, not {method!r}")
     if engine not in ("vllm", "remote"):
         raise fail(f"--engine must be vllm or remote, not {engine!r}")
+    if method == "heads" and (calibrate_out is not None or calibration_path is not None):
+        raise fail("--calibrate-out and --calibration apply to the prompted grader: add --method prompt or both")
     if engine == "remote" and not remote_url:
         raise fail("--engine remote needs --remote-url (or RBR_REMOTE_URL)")
     try:

@@ -60,6 +60,10 @@ def synth(
     hash_only: Annotated[bool, typer.Option("--hash-only", help="Keep only a hash of each completion in "
                                             "completions.jsonl, not its text.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    heads_choice: Annotated[str, typer.Option("--heads", help="Grade with learned heads: a heads file, `none` "
+                                              "(prompted grader only) or `auto` (the packaged heads when the "
+                                              "policy is the packaged default and --model is not given), as "
+                                              "`rbr serve` does.")] = "auto",
 ) -> None:
     """Ask a behaviour policy for completions of every label, grade them, and write rows for `rbr fit`."""
     if sum(map(bool, (no_rm, rm_model, rm_url))) != 1:
@@ -83,6 +87,22 @@ def synth(
     if not prompts:
         raise fail("no prompts left to do")
 
+    heads = None
+    if heads_choice != "none":
+        from rbr_model.heads import Heads, HeadsError, packaged_heads_path
+
+        try:
+            if heads_choice == "auto":
+                if model is None:
+                    heads = Heads.load(packaged_heads_path())
+                    if heads.policy.get("fingerprint") != policy.fingerprint:
+                        heads = None
+            else:
+                heads = Heads.load(heads_choice)
+                heads.check_policy(policy)
+        except HeadsError as exc:
+            raise fail(str(exc)) from None
+
     model_path = model
     if model_path is None:
         from rbr_model import models
@@ -94,7 +114,7 @@ def synth(
 
     try:
         result = asyncio.run(_run(model_path, max_model_len, rm_model, rm_url, policy, prompts, out, config,
-                                  labels, table, progress))
+                                  labels, table, progress, heads))
     except SynthError as exc:
         raise fail(str(exc)) from None
     typer.echo(
@@ -107,14 +127,25 @@ def synth(
 
 
 async def _run(model_path: Path, max_model_len: int, rm_model: str | None, rm_url: str | None, policy: Any,
-               prompts: Any, out: Path, config: SynthConfig, labels: Any, table: Any, progress: bool) -> Any:
+               prompts: Any, out: Path, config: SynthConfig, labels: Any, table: Any, progress: bool,
+               heads: Any = None) -> Any:
+    from rbr_model import models
     from rbr_model.grading.engine import GradingError
+    from rbr_model.grading.grader import Grader
     from rbr_model.grading.vllm_engine import VLLMEngine
+    from rbr_model.heads import HeadsError
     from rbr_model.rm import RMError, build_rm_engine
 
+    states = None
     try:
         engine = VLLMEngine(model_path, max_model_len=max_model_len)
-    except GradingError as exc:
+        grader = None
+        if heads is not None:
+            from rbr_model.grading.states import VLLMStateEngine
+
+            states = VLLMStateEngine(models.prepare_trunk(int(heads.grader["layer"])), max_model_len=max_model_len)
+            grader = Grader(engine, policy, heads=heads, state_engine=states)
+    except (GradingError, HeadsError, models.ModelError) as exc:
         raise SynthError(str(exc)) from None
     rm = None
     try:
@@ -124,7 +155,8 @@ async def _run(model_path: Path, max_model_len: int, rm_model: str | None, rm_ur
                                              max_model_len=max_model_len)
             except (RMError, ValueError) as exc:
                 raise SynthError(f"reward model: {exc}") from None
-        synth = Synthesizer(engine, policy, rm_engine=rm, labels=labels, expectations=table, config=config)
+        synth = Synthesizer(engine, policy, grader=grader, rm_engine=rm, labels=labels, expectations=table,
+                            config=config)
         try:
             return await synth.run(prompts, out, progress=progress)
         except (GradingError, RMError) as exc:
@@ -132,4 +164,6 @@ async def _run(model_path: Path, max_model_len: int, rm_model: str | None, rm_ur
     finally:
         if rm is not None:
             await rm.close()
+        if states is not None:
+            await states.close()
         await engine.close()

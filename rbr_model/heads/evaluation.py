@@ -183,7 +183,7 @@ def plot_heads_report(report: Mapping[str, Any], path: str | Path, title: str) -
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("ROC AUC against human labels, 95% bootstrap interval (labelled yes / rows)")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07 - 2.5 / max(8, len(names) * 3)), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
