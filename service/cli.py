@@ -6,6 +6,7 @@ never imports the service.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -45,6 +46,7 @@ def serve(
         raise fail(f"invalid settings: {settings_problems(exc)}") from None
 
     # Policy, weights and heads are checked here too, so a bad file is one line naming it, not a traceback.
+    from rbr_model import models
     from rbr_model.heads import HeadsError
     from rbr_model.policy import PolicyError
     from rbr_model.reward import WeightsError
@@ -52,8 +54,11 @@ def serve(
 
     try:
         model = load_reward_model(settings.policy_path, settings.weights_path)
-        load_heads(settings, model.policy)
-    except (HeadsError, PolicyError, WeightsError) as exc:
+        heads = load_heads(settings, model.policy)
+        if heads is not None:  # the trunk the heads will run on (prepared once, like the model)
+            trunk = settings.heads_trunk or str(models.prepare_trunk(int(heads.grader["layer"])))
+            heads.check_model(Path(trunk).name, models.model_hash(trunk))
+    except (HeadsError, PolicyError, WeightsError, models.ModelError) as exc:
         raise fail(str(exc)) from None
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

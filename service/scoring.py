@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from rbr_model.features import CLASS_PREFIX
+from rbr_model.grading.prompts import PromptError
 from rbr_model.policy import Policy
 from rbr_model.reward import RewardModel
 from service.cache import FeatureCache, cache_key
@@ -223,17 +224,21 @@ async def _grade(grader: Any, requests: list, field: str) -> list[dict[str, floa
         return await grader.grade(requests)
     except asyncio.CancelledError:
         raise
+    except PromptError as exc:  # the input cannot be read (e.g. a completion longer than the heads' context)
+        raise InvalidRequest(f"{field}: the grader cannot judge this input: {exc}", field=field) from exc
     except Exception as exc:  # noqa: BLE001 - a grader failure is the caller's 503 or 422, never a reward
         log.error("grading failed: %s: %s", type(exc).__name__, exc)
-        if getattr(exc, "retryable", True) is False and await _healthy(grader.engine):
+        if getattr(exc, "retryable", True) is False and await _healthy(grader):
             # A healthy engine that says a retry cannot help: the input is at fault (e.g. a prompt longer than the
             # grader's context). A 503 here would make clients retry the same request forever.
             raise InvalidRequest(f"{field}: the grader cannot judge this input: {exc}", field=field) from exc
         raise EngineUnavailable(f"grader engine failed: {type(exc).__name__}: {exc}") from exc
 
 
-async def _healthy(engine: Any) -> bool:
-    health = getattr(engine, "health", None)
+async def _healthy(grader_or_engine: Any) -> bool:
+    """The grader's health (all its engines) when it can tell, else its engine's."""
+    health = getattr(grader_or_engine, "health", None) or getattr(getattr(grader_or_engine, "engine", None),
+                                                                  "health", None)
     try:
         return health is not None and bool(await health())
     except Exception:  # noqa: BLE001 - a failing health check is an unhealthy engine

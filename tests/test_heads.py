@@ -215,3 +215,26 @@ def test_bootstrap_intervals_contain_the_point_estimate():
     ci = bootstrap_intervals(p, y, n=200)
     auc = roc_auc(p, y)
     assert ci["auc"][0] <= auc <= ci["auc"][1] and all(math.isfinite(v) for v in ci["brier"])
+
+
+def test_rbr_serve_refuses_bad_heads_in_one_line(monkeypatch, tmp_path):
+    """Before anything starts: a heads file that is broken, or fitted on another trunk, is one line naming it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rbr_model import models
+    from rbr_model.cli import app
+
+    if not models.is_prepared():
+        pytest.skip("the embedded model is not prepared (run `rbr model prepare`)")
+    arrays = dict(np.load(packaged_heads_path()))
+    header = json.loads(bytes(arrays["header"]).decode())
+    header["grader"]["model_hash"] = "f" * 64
+    other = tmp_path / "other-trunk.npz"
+    np.savez(other, **{**arrays, "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)})
+    for path, words in ((tmp_path / "absent.npz", "no such file"), (other, "grader.model_hash: fitted on")):
+        monkeypatch.setenv("RBR_HEADS", str(path))
+        res = CliRunner().invoke(app, ["serve"])
+        assert res.exit_code == 2 and str(path) in res.output and words in res.output, res.output
+        assert "Traceback" not in res.output

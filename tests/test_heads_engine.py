@@ -192,6 +192,14 @@ async def test_service_answers_with_heads_by_default_and_reload_refuses_bad_head
         again = await client.post("/v1/rewards", json=body)
         assert again.status_code == 200 and again.json()["results"][0]["reward"] == res[0]["reward"]
 
+        # A completion longer than the trunk's context is the caller's input problem: 422 naming it, not a 503.
+        too_long = {"items": [{"prompt": "Hi", "completion": "word " * 5000, "response_type": "comply",
+                               "rm_score": 0.0}]}
+        r = await client.post("/v1/rewards", json=too_long)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"].startswith("items") and "context" in r.json()["error"]["message"]
+        assert (await client.get("/readyz")).status_code == 200
+
 
 def test_heads_fit_cli_end_to_end(tmp_path, trunk):
     """`rbr heads fit` on a small labelled file: vLLM extraction, CV, a heads file bound to trunk and policy."""

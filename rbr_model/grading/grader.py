@@ -98,6 +98,17 @@ class Grader:
             heads.check_policy(policy)
             heads.check_model(state_engine.model_id, state_engine.model_hash, state_engine.hidden_size)
 
+    async def health(self) -> bool:
+        """True when every engine this grader uses can take work now; never raises."""
+        engines = [self.engine, *([self.state_engine] if self.heads is not None else [])]
+        for engine in engines:
+            try:
+                if not await engine.health():
+                    return False
+            except Exception:  # noqa: BLE001 - a failing health check is an unhealthy engine
+                return False
+        return True
+
     def method(self, proposition: str) -> str:
         """"head" when the loaded heads grade this proposition, else "prompt"."""
         return "head" if self.heads is not None and proposition in self.heads else "prompt"

@@ -58,6 +58,10 @@ async def readyz(request: Request) -> Response:
     if health is not None and not await health():
         state.metrics.engine_up.set(0)
         return error_response(503, "engine_unavailable", "grader engine does not answer health checks")
+    heads_engine = state.state_engine
+    if heads_engine is not None and not await heads_engine.health():
+        state.metrics.engine_up.set(0)
+        return error_response(503, "engine_unavailable", "the heads' engine does not answer health checks")
     state.metrics.engine_up.set(1)
     return Response('{"status":"ready"}', media_type="application/json")
 
