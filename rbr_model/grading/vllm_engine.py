@@ -69,7 +69,48 @@ def cpu_engine_env() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-class VLLMEngine(Engine):
+class AsyncLLMOwner:
+    """What every engine that owns a vLLM `AsyncLLM` (`self._llm`) does alike: run requests together, report
+    health, shut down once."""
+
+    _llm: Any
+    _closed: bool
+
+    async def _gather(self, coros: list[Any]) -> list[Any]:
+        """Run requests together (vLLM batches them); on the first failure cancel the rest and raise it."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def health(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            await self._llm.check_health()
+        except Exception:
+            return False
+        return not self._llm.errored
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Called on the loop thread on purpose: shutdown() cancels vLLM's output handler before the loop can
+        # run it again; from another thread the handler would first see the dead engine core and log an error.
+        # It blocks for a second or two while the engine-core process exits.
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+        # Dropping the last reference now lets AsyncLLM.__del__ run while the interpreter is still whole
+        # (at exit it fails on half-torn-down modules).
+        del llm
+
+
+class VLLMEngine(AsyncLLMOwner, Engine):
     """A vLLM `AsyncLLM` in this process (its engine core runs in a child process it manages).
 
     Building it loads the model and blocks for a while (~25 s for the embedded model on CPU). Use it from one
@@ -175,17 +216,6 @@ class VLLMEngine(Engine):
             raise GradingError("vLLM returned no output")
         return final
 
-    async def _gather(self, coros: list[Any]) -> list[Any]:
-        """Run requests together (vLLM batches them); on the first failure cancel the rest and raise it."""
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     # ---- Engine ---------------------------------------------------------------------------------------
     async def grade(self, prompts: Sequence[str]) -> list[Judgment]:
         from vllm import SamplingParams
@@ -237,25 +267,3 @@ class VLLMEngine(Engine):
         ]
         outs = await self._gather([self._run(ids, p) for ids, p in zip(encoded, params, strict=True)])
         return [out.outputs[0].text for out in outs]
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            await self._llm.check_health()
-        except Exception:
-            return False
-        return not self._llm.errored
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # Called on the loop thread on purpose: shutdown() cancels vLLM's output handler before the loop can
-        # run it again; from another thread the handler would first see the dead engine core and log an error.
-        # It blocks for a second or two while the engine-core process exits.
-        llm, self._llm = self._llm, None
-        llm.shutdown()
-        # Dropping the last reference now lets AsyncLLM.__del__ run while the interpreter is still whole
-        # (at exit it fails on half-torn-down modules).
-        del llm
