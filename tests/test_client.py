@@ -353,24 +353,24 @@ async def test_async_no_retry_on_422(server):
 
 
 async def test_async_chunks_run_concurrently_and_keep_order(server):
-    # The first chunk is answered only after both others have arrived (and then a little later than them), so the
-    # chunks overlap and finish out of order by construction, not by timing. A client that sent them one at a time
-    # would find the first chunk held (up to 20 s) and max_inflight at 1.
-    others = threading.Semaphore(0)
+    # Every chunk is answered only once all three have arrived (a barrier, whatever order they come in), and the
+    # first one a little later than the others: the chunks overlap and finish out of order by construction, not by
+    # timing. A client that sent them one at a time would break the barrier (20 s) and leave max_inflight at 1.
+    arrived = threading.Barrier(3, timeout=20)
 
     def delay_for(body: Any) -> float:
-        if body["items"][0]["rm_score"] == 0.0:
-            arrived = others.acquire(timeout=20) and others.acquire(timeout=20)
-            return 0.2 if arrived else 0.0
-        others.release()
-        return 0.0
+        try:
+            arrived.wait()
+        except threading.BrokenBarrierError:
+            return 0.0
+        return 0.2 if body["items"][0]["rm_score"] == 0.0 else 0.0
 
     server.delay_for = delay_for
     async with AsyncRewardClient(server.url, chunk_size=256, max_concurrency=3, **{**FAST, "timeout": 60.0}) as rc:
         out = await rc.rewards(items(600))
     assert sorted(len(s.body["items"]) for s in server.posts("/v1/rewards")) == [88, 256, 256]
     assert [r.reward for r in out] == [i + 0.5 for i in range(600)]
-    assert server.max_inflight >= 2  # the first chunk was in flight when the others arrived
+    assert server.max_inflight == 3  # all three chunks were in flight together
 
 
 async def test_async_concurrency_is_bounded(server):
