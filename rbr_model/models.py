@@ -169,7 +169,7 @@ def _read_marker(folder: Path) -> dict:
 
 # ---- the heads' trunk: the grader model cut after a middle layer ----------------------------------------------
 
-DEFAULT_TRUNK_LAYER = 15  # of SmolLM2-135M's 30: the middle layer measured best for heads (docs/grader-accuracy.md)
+DEFAULT_TRUNK_LAYER = 20  # of SmolLM2-135M's 30: best of 15, 20 and 30 for heads (benchmarks/RESULTS.md)
 TRUNK_RECIPE_VERSION = "1"
 # Config keys that say nothing about the computation (they change with the transformers release that saved it).
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"}
