@@ -121,7 +121,7 @@ def test_heads_for_another_model_or_policy_are_refused():
 def test_packaged_heads_fit_the_default_policy():
     heads = Heads.load(packaged_heads_path())
     heads.check_policy(POLICY)
-    assert heads.grader["layer"] == 20 and heads.hidden_size == 576
+    assert heads.grader["layer"] == 15 and heads.hidden_size == 576
     assert set(heads.propositions) <= set(POLICY.propositions) and len(heads.propositions) >= 15
     assert packaged_heads_path().stat().st_size < 500_000  # a few hundred KB at most: it ships in the wheel
 

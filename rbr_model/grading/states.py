@@ -78,7 +78,7 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
 
     float32 by default, on every machine: the heads were fitted on float32 states, and bfloat16 (vLLM's choice
     on CPUs with native bf16) moves the pooled states by ~1e-2, enough to shift P(yes) by more than 1e-3. A
-    20-layer 135M trunk costs little in float32; for a large trunk on GPU pass dtype="bfloat16" and fit the
+    15-layer 135M trunk costs little in float32; for a large trunk on GPU pass dtype="bfloat16" and fit the
     heads on states of that dtype.
     """
 
