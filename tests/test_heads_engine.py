@@ -240,7 +240,8 @@ async def test_remote_pooling_server_gives_the_same_states(state_engine, trunk, 
     pooler = json.dumps({"task": "token_embed", "use_activation": False})
     server = VLLMServer(trunk, tmp_path / "pooling-server.log", "--runner", "pooling", "--pooler-config", pooler)
     try:
-        await asyncio.to_thread(server.wait_ready)
+        # A vLLM server starts in ~40 s here, but a stress run (CPU hogs plus another engine) once took over 300 s.
+        await asyncio.to_thread(server.wait_ready, 900)
         remote = RemoteStateEngine(server.url, trunk)
         assert remote.model_hash == state_engine.model_hash and await remote.health()
         inputs = [build_input(remote.tokenizer, c, x, 4096) for c, x in ITEMS]
