@@ -202,7 +202,7 @@ class Grader:
                 row = by_key[head_input]
                 for name in names:
                     if name not in judged:
-                        judged[name] = Judgment(p_yes=float(row[self.heads.propositions.index(name)]),
+                        judged[name] = Judgment(p_yes=float(row[self.heads.position(name)]),
                                                 yes_no_mass=1.0, prompt_tokens=len(head_input.ids))
             out.append({name: judged[name] for name in names})
         return out

@@ -82,6 +82,8 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
     heads on states of that dtype.
     """
 
+    engine_name = "the heads engine"
+
     def __init__(self, trunk: str | Path, *, model_id: str | None = None, model_hash: str | None = None,
                  max_model_len: int = 4096, max_num_seqs: int = 64, dtype: str = "float32",
                  enforce_eager: bool = True, gpu_memory_utilization: float | None = None,
@@ -133,17 +135,13 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            retryable = type(exc).__name__ in ("EngineDeadError", "EngineGenerateError")
-            raise GradingError(f"vLLM failed: {type(exc).__name__}: {exc}", retryable=retryable) from exc
+            raise self._failure(exc) from exc
         if final is None:
             raise GradingError("vLLM returned no hidden states")
         return final.outputs.data.float().numpy()
 
     async def token_states(self, inputs: Sequence[HeadInput]) -> list[np.ndarray]:
-        if self._closed:
-            raise GradingError("the heads engine is closed")
-        if self._llm.errored:
-            raise GradingError("the heads engine has died", retryable=True)
+        self._check_open()
         _check_ids(inputs, self.max_model_len)
         return list(await self._gather([self._one(inp) for inp in inputs]))
 

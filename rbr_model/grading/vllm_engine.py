@@ -75,6 +75,19 @@ class AsyncLLMOwner:
 
     _llm: Any
     _closed: bool
+    engine_name = "the vLLM engine"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradingError(f"{self.engine_name} is closed")
+        if self._llm.errored:
+            raise GradingError(f"{self.engine_name} has died", retryable=True)
+
+    @staticmethod
+    def _failure(exc: Exception) -> GradingError:
+        """A vLLM exception as a GradingError; a dead or failing engine core may recover after a restart."""
+        retryable = type(exc).__name__ in ("EngineDeadError", "EngineGenerateError")
+        return GradingError(f"vLLM failed: {type(exc).__name__}: {exc}", retryable=retryable)
 
     async def _gather(self, coros: list[Any]) -> list[Any]:
         """Run requests together (vLLM batches them); on the first failure cancel the rest and raise it."""
@@ -179,12 +192,6 @@ class VLLMEngine(AsyncLLMOwner, Engine):
         self._prefix = f"rbr-{uuid.uuid4().hex[:8]}-{os.getpid()}"
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GradingError("the vLLM engine is closed")
-        if self._llm.errored:
-            raise GradingError("the vLLM engine has died", retryable=True)
-
     def _encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise GradingError(f"a prompt must be a string, got {type(prompt).__name__}")
@@ -210,8 +217,7 @@ class VLLMEngine(AsyncLLMOwner, Engine):
         except GradingError:
             raise
         except Exception as exc:
-            retryable = type(exc).__name__ in ("EngineDeadError", "EngineGenerateError")
-            raise GradingError(f"vLLM failed: {type(exc).__name__}: {exc}", retryable=retryable) from exc
+            raise self._failure(exc) from exc
         if final is None or not final.outputs:
             raise GradingError("vLLM returned no output")
         return final

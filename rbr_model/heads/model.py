@@ -71,6 +71,10 @@ class Heads:
     def __contains__(self, name: object) -> bool:
         return name in self._index
 
+    def position(self, name: str) -> int:
+        """Row of `name` in `weights` (and in a `predict` row over all heads)."""
+        return self._index[name]
+
     # ---- prediction --------------------------------------------------------------------------------------
     def predict(self, pooled: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
         """P(yes) for pooled states (n, D): shape (n, len(names)), all heads when `names` is None."""
