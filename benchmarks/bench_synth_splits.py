@@ -1,6 +1,7 @@
 """Held-out pair accuracy of fitted weights, pooled over several random prompt splits.
 
-One split of 71 prompts holds out only ~14 prompts, so its accuracy swings by +-0.2 from split to split. This
+One 20% split of the 71-prompt set the shipped weights came from holds out only ~14 prompts, so its accuracy
+swings by +-0.2 from split to split. This
 script fits the same settings on N different splits (seeds 0..N-1), scores each fit on its own held-out prompts
 with `rbr report`'s accuracy, and pools the pairs. A weights file given with --fixed is scored on the same
 splits without fitting (for example, hand-set weights).

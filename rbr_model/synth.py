@@ -134,6 +134,43 @@ def default_labels_path() -> Path:
     return _packaged("labels.yaml")
 
 
+def default_split_path() -> Path:
+    return _packaged("prompt_split.json")
+
+
+SPLITS = ("train", "eval")
+
+
+def load_prompt_split(path: str | Path | None = None) -> dict[str, list[str]]:
+    """`{"train": [prompt_id, ...], "eval": [...]}` from a split file (default: the packaged prompt_split.json).
+
+    The file is a JSON object with a `train` and an `eval` list of prompt ids (scripts/make_prompt_split.py
+    writes it); an id may appear only once in all.
+    """
+    path = Path(path) if path is not None else default_split_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SynthError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise SynthError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise SynthError(f"{path}: expected a JSON object with 'train' and 'eval' lists of prompt ids")
+    out: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        ids = data.get(name)
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise SynthError(f"{path}: {name}: expected a list of prompt ids (strings)")
+        for pid in ids:
+            if pid in seen:
+                where = "twice" if seen[pid] == name else f"in both {seen[pid]!r} and {name!r}"
+                raise SynthError(f"{path}: prompt_id {pid!r} is listed {where}")
+            seen[pid] = name
+        out[name] = list(ids)
+    return out
+
+
 def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
     if not isinstance(messages, list) or not messages:
         raise SynthError(f"{where}: messages: expected a non-empty list of {{role, content}}")
@@ -156,11 +193,20 @@ def policy_response_type(policy: Policy, name: str) -> str | None:
     return key if key in policy.classes else None
 
 
-def load_prompts(path: str | Path | None = None, policy: Policy | None = None) -> list[SynthPrompt]:
+def load_prompts(
+    path: str | Path | None = None,
+    policy: Policy | None = None,
+    split: str | None = None,
+    split_path: str | Path | None = None,
+) -> list[SynthPrompt]:
     """Prompts from JSONL (`prompt_id`, `response_type`, `messages`, optional `category`).
 
-    With a policy, response type aliases are resolved and unknown response types are an error.
+    With a policy, response type aliases are resolved and unknown response types are an error. With a split
+    (`train` or `eval`), only that split's prompts of the split file (default: the packaged prompt_split.json),
+    in file order; the split file must name exactly the prompts of the file.
     """
+    if split is not None and split not in SPLITS:
+        raise SynthError(f"unknown prompt split {split!r}: expected one of {', '.join(SPLITS)}")
     path = Path(path) if path is not None else default_prompts_path()
     prompts: list[SynthPrompt] = []
     seen: set[str] = set()
@@ -184,7 +230,20 @@ def load_prompts(path: str | Path | None = None, policy: Policy | None = None) -
                                    str(obj.get("category") or "")))
     if not prompts:
         raise SynthError(f"{path}: no prompts")
-    return prompts
+    if split is None:
+        return prompts
+    split_path = Path(split_path) if split_path is not None else default_split_path()
+    splits = load_prompt_split(split_path)
+    listed = {pid for ids in splits.values() for pid in ids}
+    unknown = [pid for ids in splits.values() for pid in ids if pid not in seen]
+    if unknown:
+        raise SynthError(f"{split_path}: {len(unknown)} prompt id(s) not in {path}: {', '.join(unknown[:5])}")
+    missing = [p.prompt_id for p in prompts if p.prompt_id not in listed]
+    if missing:
+        raise SynthError(f"{split_path}: {len(missing)} prompt(s) of {path} in neither split: "
+                         f"{', '.join(missing[:5])} (rerun scripts/make_prompt_split.py)")
+    wanted = set(splits[split])
+    return [p for p in prompts if p.prompt_id in wanted]
 
 
 def load_labels(path: str | Path | None = None) -> dict[str, dict[str, str]]:

@@ -1,4 +1,4 @@
-"""`rbr report` and the packaged prompt set, orderings and label instructions.
+"""`rbr report` and the packaged prompt set, its held-out split, orderings and label instructions.
 
 The accuracy checks use generated rows with a known ordering: one feature ranks the labels perfectly, the RM
 score is noise. The exact case is small enough to count the pairs by hand.
@@ -6,8 +6,10 @@ score is noise. The exact case is small enough to count the pairs by hand.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +21,11 @@ from rbr_model.fit import load_orderings, pair_accuracy, split_prompts
 from rbr_model.policy import load_policy
 from rbr_model.report import build_report, packaged_data, rank_labels
 from rbr_model.reward import Weights
+from rbr_model.synth import load_prompt_split, load_prompts
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the packaged data files ---------------------------------------------------------------------------
@@ -31,7 +35,7 @@ def test_prompt_set_covers_the_response_types():
     policy = load_policy(None)
     lines = packaged_data("prompts.jsonl").read_text(encoding="utf-8").splitlines()
     prompts = [json.loads(line) for line in lines if line.strip()]
-    assert len(prompts) >= 66
+    assert len(prompts) >= 240
     ids = [p["prompt_id"] for p in prompts]
     assert len(ids) == len(set(ids))
     counts: dict[str, int] = {}
@@ -44,12 +48,39 @@ def test_prompt_set_covers_the_response_types():
         assert all(m["role"] in ("user", "assistant") and m["content"].strip() for m in msgs)
         counts[p["response_type"]] = counts.get(p["response_type"], 0) + 1
     assert set(counts) == {"comply", "hard_refuse", "safe_refuse"}
-    assert min(counts.values()) >= 20
+    assert min(counts.values()) >= 80
     assert sum(len(p["messages"]) > 1 for p in prompts) >= 3  # a few multi-turn conversations
     # the harmful requests name what they ask for only through a bracketed placeholder
     for p in prompts:
         if p["response_type"] == "hard_refuse":
             assert "[" in p["messages"][-1]["content"], p["prompt_id"]
+
+
+def test_prompt_split_holds_out_40_prompts_per_response_type():
+    prompts = {p.prompt_id: p for p in load_prompts(None)}
+    split = json.loads(packaged_data("prompt_split.json").read_text(encoding="utf-8"))
+    assert set(split) == {"description", "seed", "train", "eval"} and isinstance(split["seed"], int)
+    train, held_out = split["train"], split["eval"]
+    assert len(train) == len(set(train)) and len(held_out) == len(set(held_out))
+    assert not set(train) & set(held_out)  # every prompt in exactly one split ...
+    assert set(train) | set(held_out) == set(prompts)  # ... and the split covers the prompt file
+    for rt in ("comply", "hard_refuse", "safe_refuse"):
+        in_eval = [i for i in held_out if prompts[i].response_type == rt]
+        in_train = [i for i in train if prompts[i].response_type == rt]
+        assert len(in_eval) == 40 and len(in_train) >= 40
+        # spread over categories: every category with 4+ prompts has some in each split
+        cats = {prompts[i].category for i in prompts if prompts[i].response_type == rt}
+        for cat in cats:
+            ids = [i for i in prompts if prompts[i].response_type == rt and prompts[i].category == cat]
+            if len(ids) >= 4:
+                assert set(ids) & set(held_out) and set(ids) & set(train), (rt, cat)
+    # the file is what scripts/make_prompt_split.py makes from the prompt file
+    spec = importlib.util.spec_from_file_location("make_prompt_split", ROOT / "scripts" / "make_prompt_split.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [json.loads(line) for line in packaged_data("prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert split == script.make_split(rows, split["seed"])
+    assert load_prompt_split() == {"train": train, "eval": held_out}
 
 
 def test_orderings_and_label_instructions_agree():

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from rbr_model.cli import app
 from rbr_model.features import CLASS_PREFIX, FeatureSpec
 from rbr_model.fit import HingeFitter, load_orderings, load_rows
 from rbr_model.grading.engine import Engine, Judgment
@@ -31,6 +33,7 @@ from rbr_model.synth import (
     engine_takes_seeds,
     generation_messages,
     load_labels,
+    load_prompt_split,
     load_prompts,
     read_completions,
     sample_seed,
@@ -152,7 +155,7 @@ def test_seeds_and_generation_messages():
 
 
 def test_load_prompts_checks_its_input(tmp_path, policy, all_prompts):
-    assert len(all_prompts) == 71 and {p.response_type for p in all_prompts} == set(policy.classes)
+    assert len(all_prompts) >= 240 and {p.response_type for p in all_prompts} == set(policy.classes)
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"prompt_id": "x", "response_type": "nope", "messages": [
         {"role": "user", "content": "hi"}]}) + "\n")
@@ -170,6 +173,45 @@ def test_load_prompts_checks_its_input(tmp_path, policy, all_prompts):
         load_prompts(bad, policy)
     with pytest.raises(SynthError, match="cannot read"):
         load_prompts(tmp_path / "missing.jsonl", policy)
+
+
+def test_load_prompts_by_split(tmp_path, policy, all_prompts):
+    splits = load_prompt_split()
+    train, held_out = load_prompts(None, policy, split="train"), load_prompts(None, policy, split="eval")
+    assert [p.prompt_id for p in train] == splits["train"] and [p.prompt_id for p in held_out] == splits["eval"]
+    assert len(train) + len(held_out) == len(all_prompts)
+    assert sorted(train + held_out, key=all_prompts.index) == all_prompts  # file order, nothing lost
+    with pytest.raises(SynthError, match="unknown prompt split 'test'"):
+        load_prompts(None, policy, split="test")
+    # A split file must name exactly the prompts of the prompt file, each once.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": i, "response_type": "comply", "messages": [
+        {"role": "user", "content": "hi"}]}) + "\n" for i in ("a", "b", "c")))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["a", "c"], "eval": ["b"]}))
+    assert [p.prompt_id for p in load_prompts(prompts, split="eval", split_path=split)] == ["b"]
+    assert [p.prompt_id for p in load_prompts(prompts, split="train", split_path=split)] == ["a", "c"]
+    for body, message in [
+        ({"train": ["a", "c"], "eval": ["b", "zz-404"]}, r"split.json: 1 prompt id\(s\) not in .*p.jsonl: zz-404"),
+        ({"train": ["a"], "eval": ["b"]}, r"split.json: 1 prompt\(s\) of .*p.jsonl in neither split: c"),
+        ({"train": ["a", "b", "c"], "eval": ["b"]}, r"split.json: prompt_id 'b' is listed in both 'train' and"),
+        ({"train": ["a", "c"]}, r"split.json: eval: expected a list of prompt ids"),
+        (["a", "b"], r"split.json: expected a JSON object"),
+    ]:
+        split.write_text(json.dumps(body))
+        with pytest.raises(SynthError, match=message):
+            load_prompts(prompts, split="train", split_path=split)
+    split.write_text("{broken")
+    with pytest.raises(SynthError, match="split.json: not valid JSON"):
+        load_prompt_split(split)
+    with pytest.raises(SynthError, match="missing.json: cannot read"):
+        load_prompt_split(tmp_path / "missing.json")
+
+
+def test_synth_cli_rejects_an_unknown_split(tmp_path):
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "out"), "--no-rm", "--split", "dev"])
+    assert result.exit_code == 2 and "unknown prompt split 'dev'" in result.output, result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the run, with the scripted engine ---------------------------------------------------------------------

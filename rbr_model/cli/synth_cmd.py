@@ -28,7 +28,11 @@ def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: completions.jsonl (every attempt), "
                                       "rows.jsonl (for `rbr fit`), synth.json. An existing one is resumed.")],
     prompts_path: Annotated[Path | None, typer.Option("--prompts", help="JSONL prompts: prompt_id, response_type, "
-                                                      "messages (default: the packaged 71 prompts).")] = None,
+                                                      "messages (default: the packaged prompt set).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Only the `train` or `eval` prompts of the "
+                                              "packaged held-out split (rbr_model/data/prompt_split.json): weights "
+                                              "fitted on a train run keep the eval prompts unseen, to measure them "
+                                              "on (default: all prompts).")] = None,
     policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: packaged).")] = None,
     labels_path: Annotated[Path | None, typer.Option("--labels", help="YAML {response_type: {label: instruction}} "
                                                      "for the behaviour policy (default: packaged).")] = None,
@@ -74,7 +78,7 @@ def synth(
     try:
         config.check()
         policy = load_policy(policy_path)
-        prompts = load_prompts(prompts_path, policy)
+        prompts = load_prompts(prompts_path, policy, split=split)
         labels = load_labels(labels_path)
         table = load_expectations(expectations, policy) if expectations is not None else None
     except (PolicyError, SynthError) as exc:
