@@ -8,6 +8,7 @@ import hmac
 from fastapi import Request
 
 from service.errors import Forbidden, Unauthorized
+from service.state import app_state
 
 
 def _bearer(request: Request) -> str | None:
@@ -31,7 +32,7 @@ def _matches(token: str, keys: list[str]) -> bool:
 
 
 def require_reward_key(request: Request) -> None:
-    keys = request.app.state.reward_keys
+    keys = app_state(request.app).reward_keys
     if not keys:
         return
     token = _bearer(request)
@@ -42,7 +43,7 @@ def require_reward_key(request: Request) -> None:
 
 
 def require_admin_key(request: Request) -> None:
-    admin = request.app.state.admin_key
+    admin = app_state(request.app).admin_key
     if not admin:
         raise Forbidden("admin routes are disabled: set RBR_ADMIN_KEY", field="authorization")
     token = _bearer(request)

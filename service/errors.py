@@ -55,6 +55,12 @@ class EngineUnavailable(ApiError):
     status, type = 503, "engine_unavailable"
 
 
+class ClientGone(ApiError):
+    """The client disconnected; nginx's 499, seen only in logs and metrics (nobody reads the answer)."""
+
+    status, type = 499, "client_closed_request"
+
+
 class DeadlineExceeded(ApiError):
     status, type = 504, "deadline_exceeded"
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbr_model.features import CLASS_PREFIX
 from rbr_model.grading.prompts import PromptError
@@ -23,17 +23,24 @@ from service.cache import FeatureCache, cache_key
 from service.errors import EngineUnavailable, InvalidRequest, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 
+if TYPE_CHECKING:
+    from rbr_model.grading.grader import Grader
+
 log = logging.getLogger("rbr.scoring")
 
 
 @dataclass(frozen=True)
 class ServingState:
-    """What one request scores against: replaced as a whole on reload."""
+    """What one request scores against (reward model, its policy, the grader): replaced as a whole on reload, so
+    a request that started on one state finishes on it."""
 
-    policy: Policy
     model: RewardModel
-    grader: Any  # rbr_model.grading.Grader: grade(items) -> [{proposition: P(yes)}], fingerprint
+    grader: Grader
     generation: int = 1
+
+    @property
+    def policy(self) -> Policy:
+        return self.model.policy
 
     @property
     def policy_version(self) -> str:
@@ -47,6 +54,8 @@ class ServingState:
 
 @dataclass
 class ScoreItem:
+    """One completion to score, already validated and normalised by a route (HTTP shapes stay in the routes)."""
+
     conversation: list[dict[str, str]]
     completion: str
     response_type: str | None  # already resolved to a policy key
@@ -56,6 +65,8 @@ class ScoreItem:
 
 @dataclass
 class ScoreResult:
+    """One item's reward and its parts; `features`/`classes` only when asked for, `cached` when nothing was graded."""
+
     id: str | None
     reward: float
     rbr_reward: float
@@ -94,6 +105,9 @@ class Admission:
 
 
 class Pipeline:
+    """Scores items against a `ServingState`: cache lookup, grading of the misses under `Admission`, features,
+    reward, cache store. Shared by every route and request; per-request data stays in the call."""
+
     def __init__(self, cache: FeatureCache, metrics: Metrics, admission: Admission, rm_engine: Any = None,
                  default_rm_score: float | None = None):
         self.cache, self.metrics, self.admission = cache, metrics, admission
@@ -219,7 +233,7 @@ class Pipeline:
         return probs, cached
 
 
-async def _grade(grader: Any, requests: list, field: str) -> list[dict[str, float]]:
+async def _grade(grader: Grader, requests: list, field: str) -> list[dict[str, float]]:
     try:
         return await grader.grade(requests)
     except asyncio.CancelledError:
@@ -228,18 +242,9 @@ async def _grade(grader: Any, requests: list, field: str) -> list[dict[str, floa
         raise InvalidRequest(f"{field}: the grader cannot judge this input: {exc}", field=field) from exc
     except Exception as exc:  # noqa: BLE001 - a grader failure is the caller's 503 or 422, never a reward
         log.error("grading failed: %s: %s", type(exc).__name__, exc)
-        if getattr(exc, "retryable", True) is False and await _healthy(grader):
+        if getattr(exc, "retryable", True) is False and await grader.health():
             # A healthy engine that says a retry cannot help: the input is at fault (e.g. a prompt longer than the
             # grader's context). A 503 here would make clients retry the same request forever.
             raise InvalidRequest(f"{field}: the grader cannot judge this input: {exc}", field=field) from exc
         raise EngineUnavailable(f"grader engine failed: {type(exc).__name__}: {exc}") from exc
 
-
-async def _healthy(grader_or_engine: Any) -> bool:
-    """The grader's health (all its engines) when it can tell, else its engine's."""
-    health = getattr(grader_or_engine, "health", None) or getattr(getattr(grader_or_engine, "engine", None),
-                                                                  "health", None)
-    try:
-        return health is not None and bool(await health())
-    except Exception:  # noqa: BLE001 - a failing health check is an unhealthy engine
-        return False

@@ -15,7 +15,6 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address uvicorn binds (0.0.0.0 in containers).")
     port: int = Field(8000, description="Port uvicorn listens on.")
     log_level: str = Field("info", description="Python log level.")
-    log_text: bool = Field(False, description="Log prompt and completion text (off: logs hold no user text).")
 
     # -- policy and weights -------------------------------------------------------------------------
     policy_path: str | None = Field(None, description="Policy YAML; default: the packaged default policy.")
@@ -40,6 +39,10 @@ class Settings(BaseSettings):
     )
     max_inflight_judgments: int = Field(
         4096, description="Judgments admitted at once; a request that would exceed it gets 429."
+    )
+    max_engine_requests: int = Field(
+        4096, ge=1, description="Grading calls the grader keeps in its engines at once (one prompt each in process, "
+        "a batch of prompts to a remote server); more wait in the grader, not inside the engine.",
     )
     calibration_path: str | None = Field(None, description="Per-proposition calibration JSON for P(yes).")
     heads: str = Field(

@@ -267,6 +267,48 @@ async def test_grader_bounds_prompts_in_flight(policy):
     assert eng.peak == 3 and len(eng.prompts) == 20
 
 
+class BatchingEngine(CountingEngine):
+    """A CountingEngine that asks for batches, as `RemoteEngine` does (one HTTP request per call)."""
+
+    def __init__(self, *args, batch_size: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+        self.calls: list[int] = []
+
+    async def grade(self, prompts: Sequence[str]) -> list[Judgment]:
+        self.calls.append(len(prompts))
+        return await super().grade(prompts)
+
+
+async def test_grader_sends_ready_prompts_in_batches_of_the_engines_size(policy):
+    one = CountingEngine(FakeTokenizer())
+    eng = BatchingEngine(FakeTokenizer(), batch_size=4)
+    grader = Grader(eng, policy)
+    got = await grader.grade(items(5))  # 10 distinct prompts
+    assert eng.calls == [4, 4, 2] and grader.engine_requests == 10 and grader.in_flight == 0
+    assert got == await Grader(one, policy).grade(items(5))  # the same numbers as one prompt per call
+    a, b = await asyncio.gather(grader.grade(items(3)), grader.grade(items(3)))  # the second joins the first's
+    assert a == b and eng.calls[3:] == [4, 2]
+
+
+async def test_cancelled_caller_cancels_a_batch_only_when_none_of_it_is_wanted(policy):
+    eng = BatchingEngine(FakeTokenizer(), delay=3.0, batch_size=2)
+    grader = Grader(eng, policy)
+    lone = asyncio.ensure_future(grader.grade(items(1)))  # one batch of its 2 prompts
+    shared_a = asyncio.ensure_future(grader.grade(items(2)[1:]))
+    shared_b = asyncio.ensure_future(grader.grade(items(2)[1:]))
+    deadline = time.monotonic() + 30.0
+    while eng.active < 2:
+        assert time.monotonic() < deadline, f"only {eng.active} of 2 batches reached the engine"
+        await asyncio.sleep(0.01)
+    lone.cancel()
+    shared_a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lone
+    assert set((await shared_b)[0]) == {"apology", "judgmental"}
+    assert eng.cancelled == 1 and grader.in_flight == 0
+
+
 async def test_grader_applies_calibration_and_versions_it(policy):
     class Shift:
         fingerprint = "shift-0.1"

@@ -151,10 +151,10 @@ async def serve(grader_engine, state_engine, **overrides):
     app = create_app(Settings(**overrides), engine=grader_engine, state_engine=state_engine)
     async with app.router.lifespan_context(app):
         for _ in range(12000):
-            if app.state.ready or app.state.engine_error:
+            if app.state.rbr.ready or app.state.rbr.engine_error:
                 break
             await asyncio.sleep(0.01)
-        assert app.state.ready, app.state.engine_error
+        assert app.state.rbr.ready, app.state.rbr.engine_error
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
                                      timeout=300) as client:
             yield client

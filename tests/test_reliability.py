@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 def metric(app: Any, name: str, **labels: str) -> float:
-    return app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+    return app.state.rbr.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def rss_mib(pid: int | None = None) -> float:
@@ -87,9 +87,9 @@ async def app_on(engine: Any, **overrides: Any):
     app = create_app(Settings(**overrides), engine=engine)
     async with app.router.lifespan_context(app):
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not app.state.ready and not app.state.engine_error and time.monotonic() < deadline:
+        while not app.state.rbr.ready and not app.state.rbr.engine_error and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert app.state.ready, app.state.engine_error
+        assert app.state.rbr.ready, app.state.rbr.engine_error
         yield app
 
 
@@ -192,7 +192,7 @@ async def test_fuzz_openapi_all_routes(grader_engine, request):
         examples = sum(sum(s.values()) for s in stats.values())
         # The server-side view: every request the fuzzer made, by status.
         seen = Counter()
-        for sample in app.state.metrics.requests.collect()[0].samples:
+        for sample in app.state.rbr.metrics.requests.collect()[0].samples:
             if sample.name.endswith("_total"):
                 seen[sample.labels["code"]] += int(sample.value)
     for label, s in stats.items():
@@ -373,7 +373,7 @@ async def test_hostile_inputs_get_4xx_naming_the_field(grader_engine, request):
 
 def _statuses(app: Any) -> Counter[str]:
     seen: Counter[str] = Counter()
-    for sample in app.state.metrics.requests.collect()[0].samples:
+    for sample in app.state.rbr.metrics.requests.collect()[0].samples:
         if sample.name.endswith("_total"):
             seen[sample.labels["code"]] += int(sample.value)
     return seen
@@ -395,7 +395,7 @@ async def test_overload_answers_429_and_only_admitted_work_reaches_the_engine(gr
     clients, duration = 64, 25.0
     async with app_on(grader_engine, max_inflight_judgments=per_item * bound_items) as app, \
             live_server(app) as base:
-        grader = app.state.serving.grader
+        grader = app.state.rbr.serving.grader
         limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
         async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
             # Baseline (a figure for the report only): the bound's worth of new items at once, twice, alone.
@@ -430,7 +430,7 @@ async def test_overload_answers_429_and_only_admitted_work_reaches_the_engine(gr
             elapsed = time.perf_counter() - start
             rss_after = rss_mib()
             sent = grader.engine_requests - sent_before
-            bound = app.state.pipeline.admission.limit
+            bound = app.state.rbr.pipeline.admission.limit
             assert metric(app, "rbr_inflight_judgments") == 0
     admitted = codes[200]
     overloaded = admitted / elapsed
@@ -489,7 +489,7 @@ class HeldEngine:
 async def test_client_disconnect_frees_engine_work(grader_engine, request):
     held = HeldEngine(grader_engine)
     async with app_on(held) as app, live_server(app) as base:
-        grader = app.state.serving.grader
+        grader = app.state.rbr.serving.grader
         items = [_item(prompt=CONV, completion=unique("Perhaps Loaf Actually."), response_type="hard_refuse")]
         body = json.dumps({"items": items}).encode()
         port = int(base.rsplit(":", 1)[1])
@@ -665,12 +665,12 @@ async def test_admin_reload_reads_only_regular_files(grader_engine, request, tmp
              ("weights_path", "w" * 5000), ("policy_path", "/etc/hostname")]
     seen: Counter[int] = Counter()
     async with app_on(grader_engine, admin_key=ADMIN) as app, asgi_client(app) as client:
-        version = app.state.serving.policy_version
+        version = app.state.rbr.serving.policy_version
         for field, path in paths:
             r = await asyncio.wait_for(client.post("/v1/admin/reload", json={field: path},
                                                    headers={"Authorization": f"Bearer {ADMIN}"}), 30)
             seen[r.status_code] += 1
             assert r.status_code == 422 and r.json()["error"]["field"] == field, (path[:40], r.text[:300])
             assert len(r.json()["error"]["message"]) < 700
-        assert app.state.serving.policy_version == version and app.state.serving.generation == 1
+        assert app.state.rbr.serving.policy_version == version and app.state.rbr.serving.generation == 1
     report(request, reloads_tried=len(paths), statuses=json.dumps(dict(seen), sort_keys=True))

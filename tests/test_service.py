@@ -40,8 +40,8 @@ async def serve(grader_engine, **overrides):
     settings = Settings(**overrides)
     app = create_app(settings, engine=grader_engine)
     async with app.router.lifespan_context(app):
-        await wait_for(lambda: app.state.ready or app.state.engine_error, timeout_s=120)
-        assert app.state.ready, app.state.engine_error
+        await wait_for(lambda: app.state.rbr.ready or app.state.rbr.engine_error, timeout_s=120)
+        assert app.state.rbr.ready, app.state.rbr.engine_error
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
             client.app = app
@@ -49,7 +49,7 @@ async def serve(grader_engine, **overrides):
 
 
 def metric(client, name: str, **labels) -> float:
-    return client.app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+    return client.app.state.rbr.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
@@ -97,17 +97,17 @@ async def test_no_response_type_is_rm_only_and_not_graded(grader_engine):
 async def test_second_identical_request_is_a_cache_hit_without_grading(grader_engine, redis_server):
     async with serve(grader_engine, redis_url=redis_server.url, redis_timeout_s=0.5) as client:
         item = dict(ITEM, completion="Wishing you a joyful birthday and a wonderful year ahead!")
-        warmup = client.app.state.serving.grader.engine_requests
+        warmup = client.app.state.rbr.serving.grader.engine_requests
         first = await client.post("/v1/rewards", json={"items": [item]})
         judged = metric(client, "rbr_judgments_total")
-        sent = client.app.state.serving.grader.engine_requests
+        sent = client.app.state.rbr.serving.grader.engine_requests
         assert first.status_code == 200 and judged > 0 and sent - warmup == judged
         second = await client.post("/v1/rewards", json={"items": [item]})
         assert second.status_code == 200
         assert second.json()["results"][0]["cached"] is True
         assert second.json()["results"][0]["reward"] == first.json()["results"][0]["reward"]
         assert metric(client, "rbr_judgments_total") == judged
-        assert client.app.state.serving.grader.engine_requests == sent  # the engine was not called again
+        assert client.app.state.rbr.serving.grader.engine_requests == sent  # the engine was not called again
         assert metric(client, "rbr_cache_requests_total", result="hit") == 1
         keys = redis_server.keys()
         assert keys and all(b"birthday" not in k for k in keys)
@@ -257,7 +257,7 @@ async def test_metrics_and_readiness(grader_engine):
         assert (await client.get("/readyz")).status_code == 200
         # This app's startup froze what it made out of the collector's way (p99): the serving state it built just
         # before readiness is tracked by the collector yet in no generation it scans (gc.get_objects lists those).
-        serving = client.app.state.serving
+        serving = client.app.state.rbr.serving
         assert gc.get_freeze_count() > frozen_before
         assert gc.is_tracked(serving) and not any(o is serving for o in gc.get_objects())
         await client.post("/v1/rewards", json={"items": [ITEM]})
@@ -271,13 +271,13 @@ async def test_metrics_and_readiness(grader_engine):
 async def test_concurrent_identical_items_are_graded_once(grader_engine):
     async with serve(grader_engine) as client:
         item = dict(ITEM, id=None, completion="Identical concurrent birthday wishes, graded only once please.")
-        warmup = client.app.state.serving.grader.engine_requests
+        warmup = client.app.state.rbr.serving.grader.engine_requests
         rs = await asyncio.gather(*[client.post("/v1/rewards", json={"items": [item]}) for _ in range(4)])
         assert all(r.status_code == 200 for r in rs)
         rewards = {r.json()["results"][0]["reward"] for r in rs}
         assert len(rewards) == 1
         n_props = len(load_policy(None).propositions_for("comply"))
-        sent = client.app.state.serving.grader.engine_requests - warmup
+        sent = client.app.state.rbr.serving.grader.engine_requests - warmup
         assert sent == n_props, f"engine saw {sent} judgments for one unique item ({n_props} propositions)"
 
 
@@ -328,7 +328,7 @@ async def test_readyz_is_503_until_the_warmup_judgment_answers(grader_engine):
             assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
             assert (await client.get("/healthz")).status_code == 200  # alive while starting
             gated.gate.set()
-            await wait_for(lambda: app.state.ready)
+            await wait_for(lambda: app.state.rbr.ready)
             assert (await client.get("/readyz")).status_code == 200
             assert (await client.post("/v1/rewards", json={"items": [ITEM]})).status_code == 200
 
@@ -344,7 +344,7 @@ async def test_reload_lets_in_flight_requests_finish_on_the_old_weights(grader_e
     body = {"items": [item], "return_features": True}
     app = create_app(Settings(admin_key="adm"), engine=gated)
     async with app.router.lifespan_context(app):
-        await wait_for(lambda: app.state.ready, timeout_s=120)
+        await wait_for(lambda: app.state.rbr.ready, timeout_s=120)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
             gated.gate.clear()

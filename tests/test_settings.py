@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from rbr_model.rm import build_rm_engine
-from service.app import rm_engine_options
 from service.settings import Settings
+from service.state import rm_engine_options
 
 
 def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):

@@ -87,6 +87,9 @@ class Engine(ABC):
     model_id: str
     """Identifies the model (and so the meaning of its probabilities): part of the grader fingerprint."""
 
+    batch_size: int = 1
+    """Prompts worth sending in one `grade` call: above 1 where each call has a cost of its own (an HTTP request)."""
+
     @abstractmethod
     async def grade(self, prompts: Sequence[str]) -> list[Judgment]:
         """One judgment per prompt, in order. Raises `GradingError` if any prompt cannot be judged."""

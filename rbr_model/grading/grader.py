@@ -4,8 +4,10 @@ It renders one prompt per (item, proposition), sends each distinct prompt to the
 engine batch everything in flight. Propositions that the loaded heads cover are graded instead by one forward
 pass of the trunk per item (`StateEngine`), shared by all of that item's headed propositions. Two callers that
 need the same prompt (or heads input) at the same time share one engine request (an in-flight map from the key
-to its task). A semaphore bounds how many requests are in the engines at once, so a burst of callers queues
-here instead of inside the engine.
+to its task). Prompts one call makes ready together go to the engine in batches of the engine's `batch_size`
+(1 when it has none: the in-process engine batches by itself, and a lone prompt can be aborted alone), so a
+remote grader pays one HTTP request per batch, not per judgment. A semaphore bounds how many engine calls are
+in flight at once, so a burst of callers queues here instead of inside the engine.
 """
 
 from __future__ import annotations
@@ -52,11 +54,20 @@ class _Flight:
     waiters: int = 0
 
 
+@dataclass
+class _Batch:
+    """One engine call for several prompts; cancelled only when no prompt of it is wanted any more."""
+
+    task: asyncio.Future[list[Judgment]]
+    wanted: int
+
+
 class Grader:
     """Grades items against a policy's propositions with one engine.
 
     `tokenizer` supplies the grader model's chat template; by default the engine's own (`engine.tokenizer`).
-    `max_in_flight` caps the distinct prompts sent to the engine at once (across all callers).
+    `max_in_flight` caps the engine calls in flight at once, across all callers: one prompt each, or one batch
+    of up to `engine.batch_size` prompts for an engine that takes batches (`RemoteEngine`).
     `heads` (with the `state_engine` that runs their trunk) grade the propositions they cover; they are checked
     against the policy and the trunk here, so a mismatch fails at load with `HeadsError`. Calibration applies to
     prompted propositions only: heads are fitted to labels directly.
@@ -100,14 +111,20 @@ class Grader:
 
     async def health(self) -> bool:
         """True when every engine this grader uses can take work now; never raises."""
-        engines = [self.engine, *([self.state_engine] if self.heads is not None else [])]
-        for engine in engines:
+        return await self.unhealthy() is None
+
+    async def unhealthy(self) -> str | None:
+        """Which engine cannot take work now ("grader engine" or "heads' engine"), or None; never raises."""
+        engines = [("grader engine", self.engine)]
+        if self.state_engine is not None:
+            engines.append(("heads' engine", self.state_engine))
+        for name, engine in engines:
             try:
                 if not await engine.health():
-                    return False
+                    return name
             except Exception:  # noqa: BLE001 - a failing health check is an unhealthy engine
-                return False
-        return True
+                return name
+        return None
 
     def method(self, proposition: str) -> str:
         """"head" when the loaded heads grade this proposition, else "prompt"."""
@@ -179,7 +196,7 @@ class Grader:
         rendered, head_inputs = self._prompts(items)  # all input errors surface before any engine work
         unique_inputs = list(dict.fromkeys(h for h in head_inputs if h is not None))
         unique = list(dict.fromkeys(p for per_item in rendered for _, p in per_item))
-        flights = [self._join(p) for p in unique] + [self._join(h) for h in unique_inputs]
+        flights = self._join_prompts(unique) + [self._join(h) for h in unique_inputs]
         try:
             results = await asyncio.gather(*(asyncio.shield(f.task) for f in flights), return_exceptions=True)
         except asyncio.CancelledError:
@@ -207,10 +224,25 @@ class Grader:
             out.append({name: judged[name] for name in names})
         return out
 
-    def _join(self, key: str | HeadInput) -> _Flight:
+    def _join_prompts(self, prompts: Sequence[str]) -> list[_Flight]:
+        """Flights for distinct `prompts`; those not in flight yet go out together, `engine.batch_size` a call."""
+        new = [p for p in prompts if p not in self._in_flight]
+        size = max(1, int(getattr(self.engine, "batch_size", 1) or 1))
+        work: dict[str, Any] = {}
+        for start in range(0, len(new), size):
+            chunk = new[start : start + size]
+            if len(chunk) == 1:
+                work[chunk[0]] = self._send(chunk[0])
+                continue
+            batch = _Batch(asyncio.ensure_future(self._send_batch(chunk)), wanted=len(chunk))
+            work.update({p: self._pick(batch, i) for i, p in enumerate(chunk)})
+        return [self._join(p, work.get(p)) for p in prompts]
+
+    def _join(self, key: str | HeadInput, work: Any = None) -> _Flight:
         flight = self._in_flight.get(key)
         if flight is None:
-            work = self._send(key) if isinstance(key, str) else self._send_heads(key)
+            if work is None:
+                work = self._send(key) if isinstance(key, str) else self._send_heads(key)
             flight = _Flight(asyncio.ensure_future(work))
             self._in_flight[key] = flight
             flight.task.add_done_callback(lambda _t, p=key, f=flight: self._land(p, f))
@@ -233,6 +265,26 @@ class Grader:
             self.engine_requests += 1
             (judgment,) = await self.engine.grade([prompt])
             return judgment
+
+    async def _send_batch(self, prompts: list[str]) -> list[Judgment]:
+        async with self._sem:
+            self.engine_requests += len(prompts)
+            judged = await self.engine.grade(prompts)
+            if len(judged) != len(prompts):
+                raise GradingError(f"the engine answered {len(judged)} judgments for {len(prompts)} prompts")
+            return judged
+
+    @staticmethod
+    async def _pick(batch: _Batch, index: int) -> Judgment:
+        """One prompt's judgment out of its batch; the batch is cancelled when its last wanted prompt is."""
+        try:
+            return (await asyncio.shield(batch.task))[index]
+        except asyncio.CancelledError:
+            if not batch.task.done():
+                batch.wanted -= 1
+                if batch.wanted <= 0:
+                    batch.task.cancel()
+            raise
 
     async def _send_heads(self, head_input: HeadInput) -> np.ndarray:
         """P(yes) of every head for one item: one trunk forward pass, then a dot product per head."""

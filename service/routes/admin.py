@@ -15,6 +15,7 @@ from service.errors import InvalidRequest
 from service.protocol import ErrorResponse, ReloadRequest, ReloadResponse
 from service.routes.common import quote, serving_state
 from service.scoring import ServingState
+from service.state import app_state, build_grader, load_heads, load_reward_model
 
 router = APIRouter(tags=["admin"])
 log = logging.getLogger("rbr.admin")
@@ -25,12 +26,11 @@ log = logging.getLogger("rbr.admin")
 async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load policy and weights again (or from new paths); requests in flight finish on the old ones."""
     from rbr_model.heads import HeadsError
-    from service.app import build_grader, load_heads, load_reward_model
 
-    app = request.app
-    settings = app.state.settings
+    state = app_state(request.app)
+    settings, metrics = state.settings, state.metrics
     body = body or ReloadRequest()
-    async with app.state.reload_lock:
+    async with state.reload_lock:
         old = serving_state(request)
         policy_path = body.policy_path or settings.policy_path
         weights_path = body.weights_path or settings.weights_path
@@ -38,24 +38,25 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadR
                             ("heads_path", body.heads_path)):
             # Only regular files: a device (/dev/zero) or a FIFO would block or exhaust memory while loading.
             if path and not os.path.isfile(path):  # isfile is False for a NUL byte or a name too long, too
-                app.state.metrics.reloads.labels("error").inc()
+                metrics.reloads.labels("error").inc()
                 raise InvalidRequest(f"{field}: {quote(path)} is not an existing regular file", field=field)
         try:
             model = await asyncio.to_thread(load_reward_model, policy_path, weights_path)
         except (PolicyError, WeightsError, OSError, ValueError) as exc:
-            app.state.metrics.reloads.labels("error").inc()
+            metrics.reloads.labels("error").inc()
             field = "weights_path" if isinstance(exc, WeightsError) else "policy_path"
             raise InvalidRequest(f"{field}: {str(exc)[:500]}", field=field) from None
         try:
             heads = await asyncio.to_thread(load_heads, settings, model.policy, body.heads_path)
-            if heads is not None and app.state.state_engine is None:
+            if heads is not None and state.state_engine is None:
                 raise HeadsError(f"{heads.source}: this process runs no heads engine; restart it with RBR_HEADS set")
-            grader = build_grader(app.state.engine, model, settings, heads, app.state.state_engine)
+            assert state.engine is not None  # serving_state above: the engine is warm
+            grader = build_grader(state.engine, model, settings, heads, state.state_engine)
         except (HeadsError, OSError, ValueError) as exc:
-            app.state.metrics.reloads.labels("error").inc()
+            metrics.reloads.labels("error").inc()
             raise InvalidRequest(f"heads_path: {str(exc)[:500]}", field="heads_path") from None
-        app.state.serving = ServingState(model.policy, model, grader, generation=old.generation + 1)
-        app.state.metrics.reloads.labels("ok").inc()
+        state.serving = ServingState(model, grader, generation=old.generation + 1)
+        metrics.reloads.labels("ok").inc()
         log.info("reloaded: policy %s, weights %s (generation %d)", model.policy.short_version,
                  model.weights.version, old.generation + 1)
         return ReloadResponse(policy_version=model.policy.short_version, weights_version=model.weights.version,

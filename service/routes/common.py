@@ -8,23 +8,35 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from service.errors import ApiError, DeadlineExceeded, EngineUnavailable, InvalidRequest, NotReady, PayloadTooLarge
+from rbr_model.policy import Policy
+from service.errors import ClientGone, DeadlineExceeded, InvalidRequest, PayloadTooLarge
+from service.protocol import ErrorResponse
 from service.scoring import ServingState
+from service.state import app_state, not_serving
 
 T = TypeVar("T")
 
 
-class ClientGone(ApiError):
-    status, type = 499, "client_closed_request"
-
-
 def serving_state(request: Request) -> ServingState:
-    app = request.app
-    if app.state.engine_error:
-        raise EngineUnavailable(f"grader engine unavailable: {app.state.engine_error}")
-    if not app.state.ready or app.state.serving is None:
-        raise NotReady("the grader engine is still starting; retry shortly", headers={"Retry-After": "5"})
-    return app.state.serving
+    """The state to score against, or the 503 that says why there is none yet."""
+    state = app_state(request.app)
+    problem = not_serving(state)
+    if problem is not None:
+        raise problem
+    assert state.serving is not None  # not_serving checked it
+    return state.serving
+
+
+REWARD_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 413, 422, 429, 503, 504)}
+
+
+def response_type(policy: Policy, value: str | None, field: str) -> str | None:
+    """The policy key for a request's response type (None: RM only), or the 422 that names the field."""
+    try:
+        return policy.resolve_response_type(value)
+    except KeyError:
+        raise InvalidRequest(f"{field}: {quote(value)} is not a response type of policy {policy.name} "
+                             f"({', '.join(policy.classes)}, or null)", field=field) from None
 
 
 def check_text(value: str, field: str, limit: int) -> None:
@@ -57,8 +69,8 @@ async def _disconnected(request: Request) -> None:
 
 async def guarded(request: Request, work: Awaitable[T]) -> T:
     """Run `work`; cancel it when the client disconnects or the per-request deadline passes."""
-    metrics = request.app.state.metrics
-    timeout = request.app.state.settings.request_timeout_s
+    state = app_state(request.app)
+    metrics, timeout = state.metrics, state.settings.request_timeout_s
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     metrics.inflight_requests.inc()

@@ -7,12 +7,12 @@ from fastapi import APIRouter, Depends, Request
 from service.auth import require_reward_key
 from service.chat_text import SplitError, clean, parse_conversation, split_query
 from service.errors import InvalidRequest
-from service.protocol import ErrorResponse, OpenRLHFRequest, OpenRLHFResponse
-from service.routes.common import check_count, check_text, guarded, quote, serving_state
+from service.protocol import OpenRLHFRequest, OpenRLHFResponse
+from service.routes.common import REWARD_ERRORS, check_count, check_text, guarded, response_type, serving_state
 from service.scoring import ScoreItem
+from service.state import app_state
 
 router = APIRouter(tags=["openrlhf"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 413, 422, 429, 503, 504)}
 BASE_LOGS = ("rbr_reward", "rm_score", "graded", "cached")
 
 
@@ -20,11 +20,12 @@ def _log_keys(class_order: tuple[str, ...]) -> list[str]:
     return list(BASE_LOGS) + [f"class_{c}" for c in class_order]
 
 
-@router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERRORS,
+@router.post("/get_reward", response_model=OpenRLHFResponse, responses=REWARD_ERRORS,
              dependencies=[Depends(require_reward_key)])
 async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFResponse:
     """`labels` carries each sample's response type (null or "" for none); the same keys on every call."""
-    settings = request.app.state.settings
+    app = app_state(request.app)
+    settings = app.settings
     n = len(body.query)
     check_count(n, "query", settings.max_items)
     for name, values in (("prompts", body.prompts), ("labels", body.labels)):
@@ -44,17 +45,12 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
             prompt_part, completion = split_query(query, prompt)
         except SplitError as exc:
             raise InvalidRequest(f"query[{i}]: {exc}", field=f"query[{i}]") from None
-        label = body.labels[i] if body.labels else None
-        try:
-            rt = state.policy.resolve_response_type(label)
-        except KeyError:
-            raise InvalidRequest(
-                f"labels[{i}]: {quote(label)} is not a response type of policy {state.policy.name} "
-                f"({', '.join(state.policy.classes)}, or null)", field=f"labels[{i}]") from None
+        rt = response_type(state.policy, body.labels[i] if body.labels else None, f"labels[{i}]")
         items.append(ScoreItem(parse_conversation(prompt or prompt_part), clean(completion), rt, None))
-    pipeline = request.app.state.pipeline
+    pipeline = app.pipeline
+    assert pipeline is not None  # serving_state above: the lifespan has started
     pipeline.check_rm_available(items, field_prefix="query")
-    request.app.state.metrics.request_items.observe(n)
+    app.metrics.request_items.observe(n)
     results = await guarded(request, pipeline.score(state, items, with_features=True, field="query"))
     logs: dict[str, list[float]] = {k: [] for k in keys}
     for r in results:

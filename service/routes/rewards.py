@@ -7,12 +7,12 @@ from fastapi import APIRouter, Depends, Request
 from rbr_model.policy import Policy
 from service.auth import require_reward_key
 from service.errors import InvalidRequest
-from service.protocol import ErrorResponse, Message, RewardItem, RewardResult, RewardsRequest, RewardsResponse
-from service.routes.common import check_count, check_text, guarded, quote, serving_state
+from service.protocol import Message, RewardItem, RewardResult, RewardsRequest, RewardsResponse
+from service.routes.common import REWARD_ERRORS, check_count, check_text, guarded, response_type, serving_state
 from service.scoring import ScoreItem
+from service.state import app_state
 
 router = APIRouter(tags=["rewards"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 413, 422, 429, 503, 504)}
 
 
 def to_score_items(items: list[RewardItem], policy: Policy, max_chars: int) -> list[ScoreItem]:
@@ -34,13 +34,7 @@ def to_score_items(items: list[RewardItem], policy: Policy, max_chars: int) -> l
         else:
             completion = item.completion
         check_text(completion, f"{where}.completion", max_chars)
-        try:
-            rt = policy.resolve_response_type(item.response_type)
-        except KeyError:
-            known = ", ".join(policy.classes)
-            raise InvalidRequest(
-                f"{where}.response_type: {quote(item.response_type)} is not a response type of policy "
-                f"{policy.name} ({known}, or null)", field=f"{where}.response_type") from None
+        rt = response_type(policy, item.response_type, f"{where}.response_type")
         if item.id is not None:
             if item.id in seen_ids:
                 raise InvalidRequest(f"{where}.id: duplicate of items[{seen_ids[item.id]}].id", field=f"{where}.id")
@@ -49,17 +43,18 @@ def to_score_items(items: list[RewardItem], policy: Policy, max_chars: int) -> l
     return out
 
 
-@router.post("/v1/rewards", response_model=RewardsResponse, responses=ERRORS,
+@router.post("/v1/rewards", response_model=RewardsResponse, responses=REWARD_ERRORS,
              dependencies=[Depends(require_reward_key)])
 async def rewards(body: RewardsRequest, request: Request) -> RewardsResponse:
     """Score completions: `reward = rm_score + w[response_type] · features` per item."""
-    settings = request.app.state.settings
+    app = app_state(request.app)
+    settings = app.settings
     check_count(len(body.items), "items", settings.max_items)
     state = serving_state(request)
     items = to_score_items(body.items, state.policy, settings.max_chars)
-    request.app.state.metrics.request_items.observe(len(items))
-    pipeline = request.app.state.pipeline
-    results = await guarded(request, pipeline.score(state, items, with_features=body.return_features))
+    app.metrics.request_items.observe(len(items))
+    assert app.pipeline is not None  # serving_state above: the lifespan has started
+    results = await guarded(request, app.pipeline.score(state, items, with_features=body.return_features))
     return RewardsResponse(
         results=[
             RewardResult(
