@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from service.client import (
+from rbr_client import (
     AsyncRewardClient,
     Item,
     RewardClient,
