@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from rbr_model.evaluate import binary_metrics
+from rbr_model.files import read_json
 
 METHOD = "platt-logit-1"  # part of the fingerprint: bump if the formula or the clipping changes
 P_EPS = 1e-6  # P(yes) is clipped to [eps, 1 - eps] before the logit
@@ -267,12 +268,7 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise CalibrationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path}: not valid JSON: {exc.msg}") from None
+        data = read_json(path, CalibrationError)
         return cls.from_dict(data, source=str(path))
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from rbr_model.files import read_jsonl
+from rbr_model.aio import gather_or_cancel
+from rbr_model.files import read_jsonl, read_text
 from rbr_model.policy import Policy, PolicyError, read_yaml
 
 LOG_EPS = 1e-12  # probabilities are clipped to [eps, 1 - eps] for the log-loss
@@ -197,10 +198,7 @@ def load_label_map(path: str | Path | None = None) -> dict[str, str]:
         ref = resources.files("rbr_model") / "data" / OPENAI_LABEL_MAP
         text, source = ref.read_text(encoding="utf-8"), OPENAI_LABEL_MAP
     else:
-        try:
-            text, source = Path(path).read_text(encoding="utf-8"), str(path)
-        except OSError as exc:
-            raise GoldError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        text, source = read_text(path, GoldError), str(path)
     try:
         data = read_yaml(text, source)
     except PolicyError as exc:
@@ -337,14 +335,8 @@ async def evaluate_grader(
                 progress(done, len(jobs))
 
     start = time.perf_counter()
-    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(concurrency, len(jobs) or 1)))]
     try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+        await gather_or_cancel(worker() for _ in range(max(1, min(concurrency, len(jobs) or 1))))
     finally:
         if bar is not None:
             bar.close()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
-    """The file's UTF-8 text; an unreadable file or other encoding raises `error` naming the file."""
+def read_text(path: str | Path, error: Callable[[str], Exception] = ValueError) -> str:
+    """The file's UTF-8 text; an unreadable file or other encoding raises `error(message)`, the message naming
+    the file. Every loader reads its files through here, so every such message reads alike."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -18,7 +19,16 @@ def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
         raise error(f"{path}: not UTF-8 text: {exc}") from None
 
 
-def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, Any]]:
+def read_json(path: str | Path, error: Callable[[str], Exception] = ValueError) -> Any:
+    """The file's JSON value; an unreadable file, another encoding or invalid JSON raises `error` naming the file."""
+    text = read_text(path, error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+
+
+def read_jsonl(path: str | Path, error: Callable[[str], Exception] = ValueError) -> Iterator[tuple[str, Any]]:
     """`(where, object)` for each non-blank line, `where` being "file:line" for the caller's own checks.
 
     Unreadable files, non-UTF-8 text and bad JSON raise `error` with that location.

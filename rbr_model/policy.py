@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from rbr_model.files import read_text
+
 DEFAULT_CLASS_ORDER = (
     "ideal",
     "minimum_acceptable_style",
@@ -130,6 +132,13 @@ class Policy:
             return self._alias_index[key]
         raise KeyError(name)
 
+    def find_response_type(self, name: str | None) -> str | None:
+        """Like `resolve_response_type`, for callers to whom an unknown name means none: the key, or None."""
+        try:
+            return self.resolve_response_type(name)
+        except KeyError:
+            return None
+
     def propositions_for(self, response_type: str) -> tuple[str, ...]:
         """Simple propositions the classes of a response type depend on, in declaration order."""
         return self._needed[response_type]
@@ -199,10 +208,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
         ref = resources.files("rbr_model") / "policies" / "default.yaml"
         return parse_policy(read_yaml(ref.read_text(encoding="utf-8"), "default.yaml"), source="default.yaml")
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(str(path), "<file>", f"cannot read: {exc.strerror or exc}") from exc
+    text = read_text(path, lambda message: PolicyError(str(path), "<file>", message.removeprefix(f"{path}: ")))
     data = read_yaml(text, str(path))
     if isinstance(data, dict) and "simple_propositions" in data:
         return import_openai_policy(data, source=str(path))

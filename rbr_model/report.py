@@ -126,12 +126,7 @@ def build_report(
         raise ValueError("rows: no rows to report on")
 
     def resolve(name: str) -> str:
-        if policy is None:
-            return name
-        try:
-            return policy.resolve_response_type(name) or name
-        except KeyError:
-            return name
+        return (policy.find_response_type(name) if policy is not None else None) or name
 
     table = {resolve(rt): t for rt, t in table.items()}
     wtable = {resolve(rt): t for rt, t in weights.weights.items()}

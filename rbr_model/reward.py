@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from rbr_model.features import FeatureBuilder
+from rbr_model.files import read_json
 from rbr_model.policy import Policy
 
 FORMAT_VERSION = 1
@@ -86,12 +87,7 @@ class Weights:
     @classmethod
     def load(cls, path: str | Path) -> Weights:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise WeightsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"{path}: not valid JSON: {exc}") from exc
+        data = read_json(path, WeightsError)
         return cls.from_dict(data, source=str(path))
 
 

@@ -5,30 +5,7 @@ This module keeps `from service.client import ...` working; new code imports `rb
 
 from __future__ import annotations
 
-from rbr_client import (
-    AsyncRewardClient,
-    GetRewardResult,
-    Item,
-    RewardClient,
-    RewardResult,
-    RewardServiceError,
-    backoff_delay,
-    parse_retry_after,
-    trl_reward_func,
-    verl_compute_score,
-    verl_compute_score_batch,
-)
+import rbr_client
+from rbr_client import *  # noqa: F403 - the same public names
 
-__all__ = [
-    "AsyncRewardClient",
-    "GetRewardResult",
-    "Item",
-    "RewardClient",
-    "RewardResult",
-    "RewardServiceError",
-    "backoff_delay",
-    "parse_retry_after",
-    "trl_reward_func",
-    "verl_compute_score",
-    "verl_compute_score_batch",
-]
+__all__ = rbr_client.__all__

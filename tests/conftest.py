@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 import reference  # tests/reference.py (pytest puts tests/ on sys.path, as for the test modules)
+from redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -113,6 +114,14 @@ class SharedEngine(Engine):
 
     async def close(self) -> None:
         await self.runner.run(self.inner.close())
+
+
+@pytest.fixture
+def redis_server():
+    """A fresh real redis-server on a free loopback port, stopped after the test."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

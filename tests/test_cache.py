@@ -5,25 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
+from helpers import metric
 from redis_server import RedisServer
 
 from service.cache import KEY_PREFIX, LocalCache, RedisCache, build_cache, cache_key
 from service.metrics import Metrics
 
 CONV = [{"role": "user", "content": "How do I bake bread?"}]
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-def counter(metrics: Metrics, name: str, **labels) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
 
 
 def test_key_is_a_hash_of_everything():
@@ -48,8 +36,8 @@ async def test_redis_round_trip_ttl_and_counts(redis_server):
     assert await cache.get_many(keys) == [None, None, None]
     await cache.set_many({keys[0]: {"apology": 0.25}, keys[2]: {"apology": 0.75, "judgmental": 0.1}})
     assert await cache.get_many(keys) == [{"apology": 0.25}, None, {"apology": 0.75, "judgmental": 0.1}]
-    assert counter(metrics, "rbr_cache_requests_total", result="hit") == 2
-    assert counter(metrics, "rbr_cache_requests_total", result="miss") == 4
+    assert metric(metrics, "rbr_cache_requests_total", result="hit") == 2
+    assert metric(metrics, "rbr_cache_requests_total", result="miss") == 4
     stored = redis_server.keys()
     assert len(stored) == 2 and all(k.startswith(KEY_PREFIX.encode()) for k in stored)
     ttl = await cache._client.ttl(keys[0])
@@ -67,13 +55,13 @@ async def test_redis_outage_degrades_and_recovers(redis_server, caplog):
         for _ in range(5):
             assert await cache.get_many([key]) == [None]  # served as misses, no exception
             await cache.set_many({key: {"apology": 0.9}})
-    assert counter(metrics, "rbr_cache_requests_total", result="error") == 5
-    assert counter(metrics, "rbr_cache_errors_total", operation="get") >= 1
+    assert metric(metrics, "rbr_cache_requests_total", result="error") == 5
+    assert metric(metrics, "rbr_cache_errors_total", operation="get") >= 1
     assert metrics.registry.get_sample_value("rbr_cache_available") == 0
     outage_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(outage_logs) == 1  # once per outage, not once per call
     # The breaker means most calls during the outage never touched the network.
-    assert counter(metrics, "rbr_cache_errors_total", operation="get") < 5
+    assert metric(metrics, "rbr_cache_errors_total", operation="get") < 5
 
     redis_server.start()  # same port, empty (no persistence)
     await asyncio.sleep(0.6)  # breaker window passes
@@ -93,7 +81,7 @@ async def test_redis_with_password(tmp_path):
         bad = build_cache(server.url.replace("s3cret-pass", "wrong"), metrics, ttl_s=60, local_size=10,
                           timeout_s=0.5, breaker_s=1)
         assert await bad.get_many(["rbr:f:abc"]) == [None]  # auth failure is a cache error, not a crash
-        assert counter(metrics, "rbr_cache_errors_total", operation="get") == 1
+        assert metric(metrics, "rbr_cache_errors_total", operation="get") == 1
         await good.close()
         await bad.close()
     finally:

@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
+from helpers import SERVED_NAME, VLLMServer
 from tolerances import ENGINE_FP32_TOL
 
 from rbr_model.grading import Grader, GradingError, RemoteEngine
@@ -41,7 +35,6 @@ ITEMS = [
         ["apology", "states_inability", "judgmental"],
     ),
 ]
-SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -181,56 +174,6 @@ async def test_closed_engine_raises(grader_engine, prompts):
 
 
 # ---- RemoteEngine against a real vLLM OpenAI-compatible server ----------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VLLMServer:
-    """`python -m vllm.entrypoints.openai.api_server` on a free loopback port (`vllm serve` is broken here)."""
-
-    def __init__(self, model: Path, log_path: Path, *extra: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--served-model-name", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager", "--seed", "0", *extra,
-        ]  # fmt: skip
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vLLM server exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        pytest.fail(f"vLLM server not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="class")

@@ -234,6 +234,14 @@ class CountingEngine(Engine):
         pass
 
 
+async def until_active(eng: CountingEngine, n: int) -> None:
+    """Wait until `n` engine calls are in flight (30 s at most: reached only if the grader never sends them)."""
+    deadline = time.monotonic() + 30.0
+    while eng.active < n:
+        assert time.monotonic() < deadline, f"only {eng.active} of {n} engine calls arrived"
+        await asyncio.sleep(0.01)
+
+
 class FakeTokenizer:
     """Only what rendering needs: a chat template string and `apply_chat_template` (text, no tokens)."""
 
@@ -297,10 +305,7 @@ async def test_cancelled_caller_cancels_a_batch_only_when_none_of_it_is_wanted(p
     lone = asyncio.ensure_future(grader.grade(items(1)))  # one batch of its 2 prompts
     shared_a = asyncio.ensure_future(grader.grade(items(2)[1:]))
     shared_b = asyncio.ensure_future(grader.grade(items(2)[1:]))
-    deadline = time.monotonic() + 30.0
-    while eng.active < 2:
-        assert time.monotonic() < deadline, f"only {eng.active} of 2 batches reached the engine"
-        await asyncio.sleep(0.01)
+    await until_active(eng, 2)
     lone.cancel()
     shared_a.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -358,10 +363,7 @@ async def test_cancelled_caller_cancels_only_unshared_work(policy):
     shared_b = asyncio.ensure_future(grader.grade(items(2)[1:]))
     # Cancel once all 4 distinct prompts are at the engine, not after a fixed sleep: the engine then holds them
     # 3 s, so the cancellation lands first even when a loaded machine stalls this loop for a while.
-    deadline = time.monotonic() + 30.0  # reached only if the grader never sends them
-    while eng.active < 4:
-        assert time.monotonic() < deadline, f"only {eng.active} of 4 prompts reached the engine"
-        await asyncio.sleep(0.01)
+    await until_active(eng, 4)
     lone.cancel()
     shared_a.cancel()
     with pytest.raises(asyncio.CancelledError):

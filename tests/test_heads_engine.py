@@ -232,7 +232,7 @@ def test_heads_fit_cli_end_to_end(tmp_path, trunk):
 
 async def test_remote_pooling_server_gives_the_same_states(state_engine, trunk, tmp_path):
     """`RBR_ENGINE=remote`: a real vLLM server on the trunk with the pooling runner, read by RemoteStateEngine."""
-    from test_grading_engine import VLLMServer
+    from helpers import VLLMServer
 
     from rbr_model.grading.engine import GradingError
     from rbr_model.grading.states import RemoteStateEngine

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 from redis_server import RedisServer
 from test_deploy import (
     ALERTS_YML,
@@ -31,7 +32,6 @@ from test_deploy import (
     ROOT,
     alert_exprs,
     exposed_names,
-    free_port,
     need_tool,
     used_metric_names,
 )

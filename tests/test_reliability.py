@@ -21,105 +21,22 @@ import math
 import os
 import random
 import re
-import socket
 import time
 import uuid
 from collections import Counter
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import psutil
 import pytest
-import uvicorn
+from helpers import CONV, app_on, asgi_client, live_server, metric, report, reward_item, rss_mib, unique
 from redis_server import RedisServer
 
 from rbr_model.policy import load_policy
-from service.app import create_app
-from service.settings import Settings
 
 pytestmark = pytest.mark.reliability  # tests on `grader_engine` are marked `engine` by conftest.py
 
 ADMIN = "admin-key-for-tests"
-READY_TIMEOUT_S = 180
 FUZZ_EXAMPLES = int(os.environ.get("RBR_FUZZ_EXAMPLES", "40"))
-CONV = [{"role": "user", "content": "Could you suggest a name for my new sourdough starter?"}]
-
-
-# ---- shared helpers ----------------------------------------------------------------------------------------
-def report(request: pytest.FixtureRequest, **figures: Any) -> None:
-    """Show a test's figures in the CI log (even with output captured) and attach them to the junit report."""
-    line = f"[reliability] {request.node.name}: " + ", ".join(f"{k}={v}" for k, v in figures.items())
-    for key, value in figures.items():
-        request.node.user_properties.append((key, value))
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:  # pragma: no cover - only without pytest's standard plugins
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.ensure_newline()
-        reporter.write_line(line)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(app: Any, name: str, **labels: str) -> float:
-    return app.state.rbr.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def rss_mib(pid: int | None = None) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
-
-
-def unique(text: str) -> str:
-    """A text no earlier request has sent, so the engine really grades it."""
-    return f"{text} (ref {uuid.uuid4().hex[:12]})"
-
-
-@asynccontextmanager
-async def app_on(engine: Any, **overrides: Any):
-    """The app on `engine`, lifespan started, engine warm."""
-    app = create_app(Settings(**overrides), engine=engine)
-    async with app.router.lifespan_context(app):
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not app.state.rbr.ready and not app.state.rbr.engine_error and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert app.state.rbr.ready, app.state.rbr.engine_error
-        yield app
-
-
-def asgi_client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300)
-
-
-@asynccontextmanager
-async def live_server(app: Any):
-    """A real uvicorn server for `app` on 127.0.0.1, on this event loop (the lifespan is the caller's).
-
-    `log_config=None` leaves uvicorn's loggers (access log included) propagating to the root logger, so tests
-    that capture logs see them.
-    """
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None, access_log=True,
-                            log_level="info", timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if task.done():
-            task.result()
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 60)
 
 
 # ---- 1. API fuzzing --------------------------------------------------------------------------------------
@@ -242,10 +159,6 @@ def _valid_graded_cases(base_url: str) -> int:
 LIMITS = {"max_items": 8, "max_chars": 30_000, "max_body_bytes": 256 * 1024}
 
 
-def _item(**kw: Any) -> dict[str, Any]:
-    return {"prompt": "hi", "completion": "hello", "rm_score": 0.0, **kw}
-
-
 def _rewards(*items: dict[str, Any], **kw: Any) -> bytes:
     return json.dumps({"items": list(items), **kw}).encode()
 
@@ -259,30 +172,30 @@ def hostile_cases() -> list[tuple[str, str, bytes, dict[str, str], int, str]]:
     return [
         ("bad json", r, b'{"items": [', {}, 422, "body"),
         ("bad json openrlhf", g, b'{"query": ', {}, 422, "body"),
-        ("trailing garbage", r, _rewards(_item()) + b"}}", {}, 422, "body"),
+        ("trailing garbage", r, _rewards(reward_item()) + b"}}", {}, 422, "body"),
         ("not an object", r, b"[1, 2, 3]", {}, 422, "body"),
         ("empty body", r, b"", {}, 422, "body"),
         ("text/plain body", r, b"items", {"content-type": "text/plain"}, 422, "body"),
         ("items not a list", r, b'{"items": {"a": 1}}', {}, 422, "items"),
-        ("rm_score a string", r, _rewards(_item(rm_score="high")), {}, 422, "items[0].rm_score"),
-        ("prompt a number", r, _rewards(_item(prompt=5)), {}, 422, "items[0].prompt"),
-        ("completion a list", r, _rewards(_item(completion=["a"])), {}, 422, "items[0].completion"),
-        ("return_features a list", r, _rewards(_item(), return_features=[1]), {}, 422, "return_features"),
-        ("return_features a number", r, _rewards(_item(), return_features=0.0), {}, 422, "return_features"),
-        ("rm_score a numeric string", r, _rewards(_item(rm_score="0.5")), {}, 422, "items[0].rm_score"),
+        ("rm_score a string", r, _rewards(reward_item(rm_score="high")), {}, 422, "items[0].rm_score"),
+        ("prompt a number", r, _rewards(reward_item(prompt=5)), {}, 422, "items[0].prompt"),
+        ("completion a list", r, _rewards(reward_item(completion=["a"])), {}, 422, "items[0].completion"),
+        ("return_features a list", r, _rewards(reward_item(), return_features=[1]), {}, 422, "return_features"),
+        ("return_features a number", r, _rewards(reward_item(), return_features=0.0), {}, 422, "return_features"),
+        ("rm_score a numeric string", r, _rewards(reward_item(rm_score="0.5")), {}, 422, "items[0].rm_score"),
         ("query not a list", g, b'{"query": "abc"}', {}, 422, "query"),
         ("label a number", g, json.dumps({"query": [chat + "x"], "labels": [3]}).encode(), {}, 422, "labels[0]"),
-        ("empty message list", r, _rewards(_item(prompt=[])), {}, 422, "items[0].prompt"),
-        ("unknown message role", r, _rewards(_item(prompt=[{"role": "wizard", "content": "x"}])), {}, 422,
+        ("empty message list", r, _rewards(reward_item(prompt=[])), {}, 422, "items[0].prompt"),
+        ("unknown message role", r, _rewards(reward_item(prompt=[{"role": "wizard", "content": "x"}])), {}, 422,
          "items[0].prompt"),
-        ("completion from the user", r, _rewards(_item(completion={"role": "user", "content": "x"})), {}, 422,
+        ("completion from the user", r, _rewards(reward_item(completion={"role": "user", "content": "x"})), {}, 422,
          "items[0].completion.role"),
-        ("unknown field", r, _rewards(_item(colour="red")), {}, 422, "items[0].colour"),
-        ("id too long", r, _rewards(_item(id="i" * 300)), {}, 422, "items[0].id"),
-        ("too many items", r, _rewards(*[_item(id=str(i)) for i in range(9)]), {}, 413, "items"),
+        ("unknown field", r, _rewards(reward_item(colour="red")), {}, 422, "items[0].colour"),
+        ("id too long", r, _rewards(reward_item(id="i" * 300)), {}, 422, "items[0].id"),
+        ("too many items", r, _rewards(*[reward_item(id=str(i)) for i in range(9)]), {}, 413, "items"),
         ("too many queries", g, json.dumps({"query": [chat + "x"] * 9}).encode(), {}, 413, "query"),
-        ("huge completion", r, _rewards(_item(completion=long_text)), {}, 413, "items[0].completion"),
-        ("huge message", r, _rewards(_item(prompt=[{"role": "user", "content": long_text}])), {}, 413,
+        ("huge completion", r, _rewards(reward_item(completion=long_text)), {}, 413, "items[0].completion"),
+        ("huge message", r, _rewards(reward_item(prompt=[{"role": "user", "content": long_text}])), {}, 413,
          "items[0].prompt[0].content"),
         ("huge prompt openrlhf", g, json.dumps({"query": [chat + "x"], "prompts": [long_text]}).encode(), {}, 413,
          "prompts[0]"),
@@ -301,8 +214,8 @@ def hostile_cases() -> list[tuple[str, str, bytes, dict[str, str], int, str]]:
         ("lone surrogate in a message", r, b'{"items": [{"prompt": [{"role": "user", "content": "\\udfff"}], '
          b'"completion": "b", "rm_score": 0}]}', {}, 422, "items[0].prompt[0].content"),
         ("lone surrogate openrlhf", g, b'{"query": ["Assistant: \\udc00"]}', {}, 422, "query[0]"),
-        ("unknown response type", r, _rewards(_item(response_type="dance")), {}, 422, "items[0].response_type"),
-        ("huge unknown response type", r, _rewards(_item(response_type="z" * 20_000)), {}, 422,
+        ("unknown response type", r, _rewards(reward_item(response_type="dance")), {}, 422, "items[0].response_type"),
+        ("huge unknown response type", r, _rewards(reward_item(response_type="z" * 20_000)), {}, 422,
          "items[0].response_type"),
         ("unknown label", g, json.dumps({"query": [chat + "x"], "labels": ["sing"]}).encode(), {}, 422,
          "labels[0]"),
@@ -314,11 +227,12 @@ def hostile_cases() -> list[tuple[str, str, bytes, dict[str, str], int, str]]:
          422, "items[0].rm_score"),
         ("overflowing rm_score", r, b'{"items": [{"prompt": "a", "completion": "b", "rm_score": 1e999}]}', {}, 422,
          "items[0].rm_score"),
-        ("duplicate ids", r, _rewards(_item(id="x"), _item(id="y"), _item(id="x")), {}, 422, "items[2].id"),
+        ("duplicate ids", r, _rewards(reward_item(id="x"), reward_item(id="y"), reward_item(id="x")), {}, 422,
+         "items[2].id"),
         ("prompts count mismatch", g, json.dumps({"query": [chat + "x"], "prompts": ["a", "b"]}).encode(), {}, 422,
          "prompts"),
         ("query without a prompt boundary", g, b'{"query": ["no marker here"]}', {}, 422, "query[0]"),
-        ("longer than the grader's context", r, _rewards(_item(completion=context_text, response_type="comply")),
+        ("longer than the grader's context", r, _rewards(reward_item(completion=context_text, response_type="comply")),
          {}, 422, "items"),
     ]
 
@@ -342,7 +256,7 @@ async def test_hostile_inputs_get_4xx_naming_the_field(grader_engine, request):
                 assert (error.get("field") or "").startswith(field), f"{name}: field {error.get('field')!r}"
                 assert field in error["message"] and len(error["message"]) < 600, f"{name}: {error['message']!r}"
             # A body of unknown length (chunked) is bounded too, before anything parses it.
-            huge = _rewards(*[_item(completion="y" * 20_000)] * 16)
+            huge = _rewards(*[reward_item(completion="y" * 20_000)] * 16)
             r = await client.post("/v1/rewards", content=_chunks(huge), headers={"content-type": "application/json"})
             assert r.status_code == 413 and r.json()["error"]["field"] == "body", r.text[:300]
             outcomes.append(("chunked body over the byte limit", r.status_code, "body"))
@@ -353,14 +267,14 @@ async def test_hostile_inputs_get_4xx_naming_the_field(grader_engine, request):
             assert r.status_code == 200 and r.json()["rewards"] == []
             # Escaped control characters are valid JSON text: graded like any other (a real reward, no error).
             odd = unique("Tabs\tbells\u0007 escapes\u001b[0m and a NUL\u0000 in the reply.")
-            r = await client.post("/v1/rewards", json={"items": [_item(completion=odd, response_type="comply")]})
+            r = await client.post("/v1/rewards", json={"items": [reward_item(completion=odd, response_type="comply")]})
             assert r.status_code == 200, r.text
             assert math.isfinite(r.json()["results"][0]["reward"])  # a real number, whatever its value
             outcomes.append(("escaped control characters (valid)", r.status_code, None))
             # The process is still healthy and serves.
             assert (await client.get("/healthz")).status_code == 200
             assert (await client.get("/readyz")).status_code == 200
-            r = await client.post("/v1/rewards", json={"items": [_item(id="after")]})
+            r = await client.post("/v1/rewards", json={"items": [reward_item(id="after")]})
             assert r.status_code == 200 and r.json()["results"][0]["id"] == "after"
         gc.collect()
         rss_after = rss_mib()
@@ -383,8 +297,9 @@ def _statuses(app: Any) -> Counter[str]:
 async def _graded_round(client: httpx.AsyncClient, n: int) -> float:
     """Send `n` new comply items at once (one per request); the seconds until all were answered."""
     start = time.perf_counter()
+    item = {"prompt": CONV, "response_type": "comply"}
     rs = await asyncio.gather(*[client.post("/v1/rewards", json={"items": [
-        _item(prompt=CONV, completion=unique("Call it Bread Pitt."), response_type="comply")]}) for _ in range(n)])
+        reward_item(**item, completion=unique("Call it Bread Pitt."))]}) for _ in range(n)])
     assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs]
     return time.perf_counter() - start
 
@@ -411,7 +326,7 @@ async def test_overload_answers_429_and_only_admitted_work_reaches_the_engine(gr
             async def hammer() -> None:
                 nonlocal missing_retry_after
                 while time.monotonic() < stop:
-                    body = {"items": [_item(prompt=CONV, completion=unique("Name it Dough Nut."),
+                    body = {"items": [reward_item(prompt=CONV, completion=unique("Name it Dough Nut."),
                                             response_type="comply")]}
                     r = await client.post("/v1/rewards", json=body)
                     codes[r.status_code] += 1
@@ -490,7 +405,7 @@ async def test_client_disconnect_frees_engine_work(grader_engine, request):
     held = HeldEngine(grader_engine)
     async with app_on(held) as app, live_server(app) as base:
         grader = app.state.rbr.serving.grader
-        items = [_item(prompt=CONV, completion=unique("Perhaps Loaf Actually."), response_type="hard_refuse")]
+        items = [reward_item(prompt=CONV, completion=unique("Perhaps Loaf Actually."), response_type="hard_refuse")]
         body = json.dumps({"items": items}).encode()
         port = int(base.rsplit(":", 1)[1])
         held.gate.clear()  # from now on no grading can finish: only cancellation frees work
@@ -545,7 +460,7 @@ def _engine_unfinished(engine: Any) -> int | None:
 
 # ---- 5. security ---------------------------------------------------------------------------------------------
 async def test_keys_are_required_and_kept_apart(grader_engine, request):
-    routes = [("POST", "/v1/rewards", {"items": [_item()]}), ("POST", "/get_reward", {"query": []}),
+    routes = [("POST", "/v1/rewards", {"items": [reward_item()]}), ("POST", "/get_reward", {"query": []}),
               ("GET", "/v1/policy", None)]
     seen: Counter[int] = Counter()
     async with app_on(grader_engine, api_keys="reward-one,reward-two", admin_key=ADMIN, default_rm_score=0.0) as app, \

@@ -18,8 +18,8 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import CONV, app_on, asgi_client, metric, report, reward_item, unique
 from redis_server import RedisServer
-from test_reliability import CONV, _item, app_on, asgi_client, metric, report, unique
 from tolerances import ENGINE_FP32_TOL
 
 from rbr_model.policy import load_policy
@@ -36,9 +36,9 @@ async def test_redis_killed_under_load_fails_no_request(grader_engine, request):
     try:
         async with app_on(grader_engine, redis_url=redis.url, redis_timeout_s=0.25, redis_breaker_s=0.5,
                           default_rm_score=0.0) as app, asgi_client(app) as client:
-            graded = {name: _item(prompt=CONV, completion=unique(text), response_type="comply", id=name)
+            graded = {name: reward_item(prompt=CONV, completion=unique(text), response_type="comply", id=name)
                       for name, text in (("a", "Call it Rye Gosling."), ("b", "Name it Gluten Morgentag."))}
-            plain = _item(completion="Any name will do.", id="c")
+            plain = reward_item(completion="Any name will do.", id="c")
             reference = {}
             for name, item in graded.items():  # graded once, stored in Redis
                 r = await client.post("/v1/rewards", json={"items": [item]})
@@ -141,7 +141,7 @@ async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
                 codes[r.status_code] += 1
                 return r
 
-            known = _item(prompt=CONV, completion=unique("Call it Yeastie Boy."), response_type="comply", id="k")
+            known = reward_item(prompt=CONV, completion=unique("Call it Yeastie Boy."), response_type="comply", id="k")
             r = await post("/v1/rewards", {"items": [known]})
             assert r.status_code == 200, r.text
             known_reward = r.json()["results"][0]["reward"]
@@ -149,7 +149,7 @@ async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
             assert (await client.get("/readyz")).status_code == 200
 
             # A request in the middle of grading when the engine-core process is killed.
-            busy = [_item(prompt=CONV, completion=unique(f"Maybe Proofessor {i}."), response_type="hard_refuse",
+            busy = [reward_item(prompt=CONV, completion=unique(f"Maybe Proofessor {i}."), response_type="hard_refuse",
                           id=str(i)) for i in range(2)]
             in_flight = asyncio.create_task(post("/v1/rewards", {"items": busy}))
             deadline = time.monotonic() + 60
@@ -165,7 +165,7 @@ async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
             assert "results" not in r.json()
 
             # After it: new work fails loudly, on both routes and in parallel; no number is made up.
-            fresh = [_item(prompt=CONV, completion=unique(f"Or Sir Loin {i}."), response_type="comply")
+            fresh = [reward_item(prompt=CONV, completion=unique(f"Or Sir Loin {i}."), response_type="comply")
                      for i in range(4)]
             rs = await asyncio.gather(*[post("/v1/rewards", {"items": [it]}) for it in fresh])
             assert all(r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable" for r in rs), \
@@ -175,7 +175,7 @@ async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
                                            "labels": ["comply"]})
             assert r.status_code == 503 and "rewards" not in r.json(), r.text
             # What needs no grader still answers: cached features, and RM-only items.
-            r = await post("/v1/rewards", {"items": [known, _item(rm_score=0.75, id="rm")]})
+            r = await post("/v1/rewards", {"items": [known, reward_item(rm_score=0.75, id="rm")]})
             assert r.status_code == 200, r.text
             by_id = {res["id"]: res for res in r.json()["results"]}
             assert by_id["k"]["cached"] and by_id["k"]["reward"] == known_reward  # exact: same features, same sums

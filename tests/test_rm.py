@@ -25,7 +25,6 @@ import gc
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
+from rm_classifier import build_test_classifier
 from tolerances import ENGINE_FP32_TOL
 
 from rbr_model.rm import (
@@ -40,7 +41,6 @@ from rbr_model.rm import (
     RMError,
     VLLMRMEngine,
     build_rm_engine,
-    build_test_classifier,
     rm_messages,
     score_from_logits,
 )
@@ -185,7 +185,7 @@ async def test_one_failure_fails_the_batch_and_cancels_the_rest():
 
 
 async def test_remote_engine_unreachable_and_closed():
-    eng = RemoteRMEngine(f"http://127.0.0.1:{_free_port()}", timeout=5.0)
+    eng = RemoteRMEngine(f"http://127.0.0.1:{free_port()}", timeout=5.0)
     with pytest.raises(RMError):
         await eng.score([CAPITAL], ["x"])
     assert await eng.health() is False
@@ -203,12 +203,6 @@ async def test_length_mismatch_raises():
 
 
 # ---- shared fixtures for the engine tests --------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +307,7 @@ class TestVLLMEngine:
 
 class _Server:
     def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),

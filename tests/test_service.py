@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-from redis_server import RedisServer
+from helpers import metric
 
 from rbr_model.features import FeatureSpec
 from rbr_model.grading.engine import Engine
@@ -46,17 +46,6 @@ async def serve(grader_engine, **overrides):
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
             client.app = app
             yield client
-
-
-def metric(client, name: str, **labels) -> float:
-    return client.app.state.rbr.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 async def test_reward_is_rm_plus_weighted_features(grader_engine):

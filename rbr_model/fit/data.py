@@ -380,10 +380,7 @@ def _pick_feature_names(
 
 
 def _resolve(policy: Policy, name: str) -> str:
-    try:
-        rt = policy.resolve_response_type(name)
-    except KeyError:
-        rt = None
+    rt = policy.find_response_type(name)
     if rt is None:
         raise ValueError(f"response type {name!r} is not in policy {policy.name!r} ({', '.join(policy.classes)})")
     return rt

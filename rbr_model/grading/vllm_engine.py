@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rbr_model.aio import gather_or_cancel
 from rbr_model.grading.engine import Engine, GradingError, Judgment, judgment_from_logprobs
 from rbr_model.grading.prompts import discover_yes_no_ids, tokenizer_encoder
 
@@ -88,17 +89,6 @@ class AsyncLLMOwner:
         """A vLLM exception as a GradingError; a dead or failing engine core may recover after a restart."""
         retryable = type(exc).__name__ in ("EngineDeadError", "EngineGenerateError")
         return GradingError(f"vLLM failed: {type(exc).__name__}: {exc}", retryable=retryable)
-
-    async def _gather(self, coros: list[Any]) -> list[Any]:
-        """Run requests together (vLLM batches them); on the first failure cancel the rest and raise it."""
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
 
     async def health(self) -> bool:
         if self._closed:
@@ -237,7 +227,7 @@ class VLLMEngine(AsyncLLMOwner, Engine):
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        outs = await self._gather([self._run(ids, params) for ids in encoded])
+        outs = await gather_or_cancel([self._run(ids, params) for ids in encoded])
         return [self._judgment(out) for out in outs]
 
     def _judgment(self, out: Any) -> Judgment:
@@ -271,5 +261,5 @@ class VLLMEngine(AsyncLLMOwner, Engine):
             )
             for i in range(len(encoded))
         ]
-        outs = await self._gather([self._run(ids, p) for ids, p in zip(encoded, params, strict=True)])
+        outs = await gather_or_cancel([self._run(ids, p) for ids, p in zip(encoded, params, strict=True)])
         return [out.outputs[0].text for out in outs]
