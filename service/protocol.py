@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 
 class Schema(BaseModel):
@@ -26,11 +26,26 @@ class Message(Schema):
     content: str
 
 
+# The completion's message form as the schema states it: only the assistant's role is accepted. The route checks it
+# (a 422 naming `items[i].completion.role`), so the check and its message stay the same; this tells clients first.
+_COMPLETION_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "object", "title": "AssistantMessage", "additionalProperties": False, "required": ["role", "content"],
+         "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}}},
+    ],
+    "title": "Completion",
+    "description": "The assistant reply being scored: text, or one message whose role is `assistant`.",
+}
+
+
 class RewardItem(Schema):
     prompt: str | list[Message] = Field(
         description="The conversation before the completion: plain text (one user turn) or chat messages."
     )
-    completion: str | Message = Field(description="The assistant reply being scored.")
+    completion: Annotated[str | Message, WithJsonSchema(_COMPLETION_SCHEMA)] = Field(
+        description="The assistant reply being scored: text, or one message whose role is `assistant`."
+    )
     response_type: str | None = Field(
         default=None,
         description="How the policy says to respond (comply, hard_refuse, safe_refuse or an alias). "
@@ -62,20 +77,24 @@ class RewardsRequest(Schema):
 
 
 class RewardResult(Schema):
-    id: str | None
-    reward: float = Field(description="rm_score + rbr_reward")
-    rbr_reward: float
-    rm_score: float
-    response_type: str | None
-    features: dict[str, float] | None = None
-    classes: dict[str, float] | None = None
-    cached: bool = False
+    id: str | None = Field(description="The item's id, as sent (null when it sent none).")
+    reward: float = Field(description="rm_score + rbr_reward: the number to train on.")
+    rbr_reward: float = Field(description="The rule-based part: the weights of the response type · features; 0 "
+                              "when no response type applies.")
+    rm_score: float = Field(description="The reward model's part: as sent, or from the RM engine or default.")
+    response_type: str | None = Field(description="The policy's key for the item's response type (aliases "
+                                      "resolved); null: RM score alone.")
+    features: dict[str, float] | None = Field(
+        default=None, description="P(yes) per proposition of the response type (with return_features).")
+    classes: dict[str, float] | None = Field(
+        default=None, description="Probability per completion class (with return_features).")
+    cached: bool = Field(default=False, description="True when every probability came from the feature cache.")
 
 
 class RewardsResponse(Schema):
-    results: list[RewardResult]
-    policy_version: str
-    weights_version: str
+    results: list[RewardResult] = Field(description="One result per item, in the request's order.")
+    policy_version: str = Field(description="Short fingerprint of the policy that scored the request.")
+    weights_version: str = Field(description="Version (hash) of the weights that scored the request.")
 
 
 class OpenRLHFRequest(BaseModel):
@@ -83,8 +102,11 @@ class OpenRLHFRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     query: list[str] = Field(description="Prompt + response strings, as the trainer decoded them.")
-    prompts: list[str] | None = Field(default=None, description="The prompts alone, one per query.")
-    labels: list[str | None] | None = Field(default=None, description="Response type per query (or null).")
+    prompts: list[str] | None = Field(
+        default=None, description="The prompts alone, one per query: exactly as many as `query` (422 otherwise).")
+    labels: list[str | None] | None = Field(
+        default=None, description="Response type per query (null or empty: none applies): exactly as many as "
+        "`query` (422 otherwise).")
 
 
 class OpenRLHFResponse(BaseModel):
@@ -94,14 +116,15 @@ class OpenRLHFResponse(BaseModel):
 
 
 class PolicyInfo(Schema):
-    name: str
-    version: str
-    fingerprint: str
-    grader_fingerprint: str
-    weights_version: str
-    weights_created_at: str
-    response_types: dict[str, dict[str, Any]]
-    class_order: list[str]
+    name: str = Field(description="The policy's name.")
+    version: str = Field(description="Short policy fingerprint (as in every rewards response).")
+    fingerprint: str = Field(description="Full policy fingerprint: versions every cached feature.")
+    grader_fingerprint: str = Field(description="Grader model, prompts, scoring, calibration and heads, hashed.")
+    weights_version: str = Field(description="Version (hash) of the weights in force.")
+    weights_created_at: str = Field(description="When the weights were fitted (UTC, ISO 8601).")
+    response_types: dict[str, dict[str, Any]] = Field(
+        description="Per response type: aliases, propositions, classes and feature names.")
+    class_order: list[str] = Field(description="Completion classes, best first.")
 
 
 class ReloadRequest(Schema):
@@ -112,15 +135,15 @@ class ReloadRequest(Schema):
 
 
 class ReloadResponse(Schema):
-    policy_version: str
-    weights_version: str
-    generation: int
+    policy_version: str = Field(description="Short fingerprint of the policy now in force.")
+    weights_version: str = Field(description="Version of the weights now in force.")
+    generation: int = Field(description="Counts loads since start (1: the start's own).")
 
 
 class ErrorBody(Schema):
-    type: str
-    message: str
-    field: str | None = None
+    type: str = Field(description="Stable error type, e.g. invalid_request, overloaded, engine_unavailable.")
+    message: str = Field(description="What went wrong, for people; never echoes a whole payload.")
+    field: str | None = Field(default=None, description="The request field at fault, e.g. items[2].response_type.")
 
 
 class ErrorResponse(Schema):
