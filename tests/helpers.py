@@ -1,6 +1,6 @@
-"""Helpers the test modules share: ports, the app on the shared engine, live servers, metrics, figures.
-
-Test modules import from here (`from helpers import ...`; pytest puts tests/ on sys.path), never from each other.
+"""Helpers the test modules share: ports, a small policy, the app on the shared engine, live servers, metrics,
+figures, the vLLM server. Test modules import from here (`from helpers import ...`; pytest puts tests/ on
+sys.path), never from each other. Service modules are imported where used, so library tests load no FastAPI.
 """
 
 from __future__ import annotations
@@ -16,23 +16,48 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from redis_server import free_port
 
-from service.app import create_app
-from service.metrics import Metrics
-from service.settings import Settings
-from service.state import app_state
-
 __all__ = ["CONV", "READY_TIMEOUT_S", "SERVED_NAME", "VLLMServer", "app_on", "asgi_client", "free_port",
-           "live_server", "metric", "report", "reward_item", "rss_mib", "unique"]
+           "live_server", "metric", "report", "reward_item", "rss_mib", "tiny_policy_dict", "unique"]
 
 READY_TIMEOUT_S = 180
 CONV = [{"role": "user", "content": "Could you suggest a name for my new sourdough starter?"}]
 SERVED_NAME = "SmolLM2-135M-Instruct"  # the name test vLLM servers serve the embedded model under
+
+
+def tiny_policy_dict() -> dict:
+    """A small policy in our YAML format: two response types, three propositions, two derived ones."""
+    ex = [
+        {"conversation": [{"role": "user", "content": "hi"}], "response": "Sorry.", "answer": True},
+        {"conversation": [{"role": "user", "content": "hi"}], "response": "Hello!", "answer": "no"},
+    ]
+    return {
+        "name": "tiny",
+        "response_types": {"refuse": {"aliases": ["Refuse Please"]}, "comply": {}},
+        "propositions": {
+            "apology": {"question": "Does it apologise?", "examples": ex},
+            "refuses": {"question": "Does it refuse?", "examples": ex},
+            "harmful": {"question": "Is it harmful?"},
+        },
+        "derived": {
+            "good_refusal": {"polite_refusal": True, "harmful": False},
+            "polite_refusal": {"apology": True, "refuses": True},
+        },
+        "classes": {
+            "refuse": {
+                "ideal": {"good_refusal": True},
+                "unacceptable_completion": {"good_refusal": False, "harmful": False},
+                "disallowed_completion": {"harmful": True},
+            },
+            "comply": {
+                "ideal": {"refuses": False, "harmful": False},
+                "unacceptable_completion": {"refuses": True, "harmful": False},
+                "disallowed_completion": {"harmful": True},
+            },
+        },
+    }
 
 
 def reward_item(**kw: Any) -> dict[str, Any]:
@@ -42,6 +67,11 @@ def reward_item(**kw: Any) -> dict[str, Any]:
 
 def metric(source: Any, name: str, **labels: str) -> float:
     """A Prometheus sample (0 when absent) from a `Metrics`, an app, or a test client that carries `.app`."""
+    from fastapi import FastAPI
+
+    from service.metrics import Metrics
+    from service.state import app_state
+
     if not isinstance(source, Metrics):
         source = app_state(source if isinstance(source, FastAPI) else source.app).metrics
     return source.registry.get_sample_value(name, labels) or 0.0
@@ -63,6 +93,8 @@ def report(request: pytest.FixtureRequest, **figures: Any) -> None:
 
 
 def rss_mib(pid: int | None = None) -> float:
+    import psutil
+
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
@@ -74,6 +106,9 @@ def unique(text: str) -> str:
 @asynccontextmanager
 async def app_on(engine: Any, **overrides: Any):
     """The app on `engine`, lifespan started, engine warm."""
+    from service.app import create_app
+    from service.settings import Settings
+
     app = create_app(Settings(**overrides), engine=engine)
     async with app.router.lifespan_context(app):
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -94,6 +129,8 @@ async def live_server(app: Any):
     `log_config=None` leaves uvicorn's loggers (access log included) propagating to the root logger, so tests
     that capture logs see them.
     """
+    import uvicorn
+
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None, access_log=True,
                             log_level="info", timeout_keep_alive=30)

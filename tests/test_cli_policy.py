@@ -6,8 +6,8 @@ import json
 
 import pytest
 import yaml
+from helpers import tiny_policy_dict
 from reference import GOLD, OPENAI_YAML, needs_reference
-from test_policy import tiny_policy_dict
 from typer.testing import CliRunner
 
 from rbr_model.cli import app

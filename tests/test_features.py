@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_policy_dict
 from reference import GOLD, OPENAI_YAML, needs_reference
-from test_policy import tiny_policy_dict
 
 from rbr_model.features import CLASS_PREFIX, FeatureBuilder, FeatureSpec, derive_class
 from rbr_model.policy import load_policy, parse_policy

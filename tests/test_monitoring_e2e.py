@@ -24,9 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port
-from redis_server import RedisServer
-from test_deploy import (
+from deploy_support import (
     ALERTS_YML,
     PROMETHEUS_YML,
     ROOT,
@@ -35,6 +33,8 @@ from test_deploy import (
     need_tool,
     used_metric_names,
 )
+from helpers import free_port
+from redis_server import RedisServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.redis]
 

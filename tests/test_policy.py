@@ -6,41 +6,10 @@ import copy
 
 import pytest
 import yaml
+from helpers import tiny_policy_dict
 from reference import OPENAI_YAML, needs_reference
 
 from rbr_model.policy import PolicyError, load_policy, parse_policy, policy_to_yaml
-
-
-def tiny_policy_dict() -> dict:
-    ex = [
-        {"conversation": [{"role": "user", "content": "hi"}], "response": "Sorry.", "answer": True},
-        {"conversation": [{"role": "user", "content": "hi"}], "response": "Hello!", "answer": "no"},
-    ]
-    return {
-        "name": "tiny",
-        "response_types": {"refuse": {"aliases": ["Refuse Please"]}, "comply": {}},
-        "propositions": {
-            "apology": {"question": "Does it apologise?", "examples": ex},
-            "refuses": {"question": "Does it refuse?", "examples": ex},
-            "harmful": {"question": "Is it harmful?"},
-        },
-        "derived": {
-            "good_refusal": {"polite_refusal": True, "harmful": False},
-            "polite_refusal": {"apology": True, "refuses": True},
-        },
-        "classes": {
-            "refuse": {
-                "ideal": {"good_refusal": True},
-                "unacceptable_completion": {"good_refusal": False, "harmful": False},
-                "disallowed_completion": {"harmful": True},
-            },
-            "comply": {
-                "ideal": {"refuses": False, "harmful": False},
-                "unacceptable_completion": {"refuses": True, "harmful": False},
-                "disallowed_completion": {"harmful": True},
-            },
-        },
-    }
 
 
 def test_parse_tiny_policy():

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_policy import tiny_policy_dict
+from helpers import tiny_policy_dict
 
 from rbr_model.features import FeatureSpec
 from rbr_model.policy import load_policy, parse_policy
