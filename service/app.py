@@ -5,7 +5,7 @@ routes. What the service builds on start and shuts down on exit lives in `servic
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -21,6 +21,10 @@ from service.state import (  # noqa: F401 - the builders' old home; `rbr serve` 
     load_reward_model,
     running,
 )
+
+if TYPE_CHECKING:
+    from rbr_model.grading.states import StateEngine
+    from rbr_model.rm import RMEngine
 
 
 class ObserveMiddleware:
@@ -89,8 +93,8 @@ async def _bounded_body(receive: Any, limit: int) -> tuple[Any, bool]:
     return replay, False
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None, rm_engine: Any = None,
-               state_engine: Any = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None, rm_engine: RMEngine | None = None,
+               state_engine: StateEngine | None = None) -> FastAPI:
     """Build the app. Pass `engine` (and `state_engine`, the heads' trunk; `rm_engine`) to share already-started
     engines (tests, embedding): the app then never closes them."""
     settings = settings or Settings()

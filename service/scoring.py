@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rbr_model.features import CLASS_PREFIX
 from rbr_model.grading.prompts import PromptError
@@ -25,6 +25,7 @@ from service.metrics import Metrics
 
 if TYPE_CHECKING:
     from rbr_model.grading.grader import Grader
+    from rbr_model.rm import RMEngine
 
 log = logging.getLogger("rbr.scoring")
 
@@ -108,7 +109,7 @@ class Pipeline:
     """Scores items against a `ServingState`: cache lookup, grading of the misses under `Admission`, features,
     reward, cache store. Shared by every route and request; per-request data stays in the call."""
 
-    def __init__(self, cache: FeatureCache, metrics: Metrics, admission: Admission, rm_engine: Any = None,
+    def __init__(self, cache: FeatureCache, metrics: Metrics, admission: Admission, rm_engine: RMEngine | None = None,
                  default_rm_score: float | None = None):
         self.cache, self.metrics, self.admission = cache, metrics, admission
         self.rm_engine, self.default_rm_score = rm_engine, default_rm_score

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from rbr_model.grading.grader import Grader
     from rbr_model.grading.states import StateEngine
     from rbr_model.heads import Heads
+    from rbr_model.rm import RMEngine
 
 log = logging.getLogger("rbr.app")
 
@@ -206,7 +207,8 @@ def build_grader(engine: Engine, model: RewardModel, settings: Settings, heads: 
                   state_engine=state_engine)
 
 
-def build_pipeline(settings: Settings, metrics: Metrics, cache: FeatureCache, rm_engine: Any = None) -> Pipeline:
+def build_pipeline(settings: Settings, metrics: Metrics, cache: FeatureCache,
+                   rm_engine: RMEngine | None = None) -> Pipeline:
     admission = Admission(settings.max_inflight_judgments, metrics, settings.retry_after_s)
     return Pipeline(cache, metrics, admission, rm_engine=rm_engine, default_rm_score=settings.default_rm_score)
 
@@ -237,7 +239,7 @@ def freeze_long_lived_objects() -> None:
 
 # ---- lifecycle ---------------------------------------------------------------------------------------------------
 @asynccontextmanager
-async def running(app: FastAPI, engine: Engine | None = None, rm_engine: Any = None,
+async def running(app: FastAPI, engine: Engine | None = None, rm_engine: RMEngine | None = None,
                   state_engine: StateEngine | None = None) -> AsyncIterator[None]:
     """The lifespan: load policy, weights, heads and cache, start the engines in the background, always shut
     down what this process started. Engines passed in are shared (tests, embedding) and left running."""

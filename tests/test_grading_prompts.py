@@ -299,21 +299,6 @@ async def test_grader_sends_ready_prompts_in_batches_of_the_engines_size(policy)
     assert a == b and eng.calls[3:] == [4, 2]
 
 
-async def test_cancelled_caller_cancels_a_batch_only_when_none_of_it_is_wanted(policy):
-    eng = BatchingEngine(FakeTokenizer(), delay=3.0, batch_size=2)
-    grader = Grader(eng, policy)
-    lone = asyncio.ensure_future(grader.grade(items(1)))  # one batch of its 2 prompts
-    shared_a = asyncio.ensure_future(grader.grade(items(2)[1:]))
-    shared_b = asyncio.ensure_future(grader.grade(items(2)[1:]))
-    await until_active(eng, 2)
-    lone.cancel()
-    shared_a.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await lone
-    assert set((await shared_b)[0]) == {"apology", "judgmental"}
-    assert eng.cancelled == 1 and grader.in_flight == 0
-
-
 async def test_grader_applies_calibration_and_versions_it(policy):
     class Shift:
         fingerprint = "shift-0.1"
@@ -355,22 +340,26 @@ async def test_grader_errors_are_errors(policy):
         Grader(CountingEngine(None), policy)
 
 
-async def test_cancelled_caller_cancels_only_unshared_work(policy):
-    eng = CountingEngine(FakeTokenizer(), delay=3.0)
+@pytest.mark.parametrize("batch_size", [None, 2])
+async def test_cancelled_caller_cancels_only_unshared_work(policy, batch_size):
+    """One prompt per call: the cancelled caller's own prompts are cancelled. Batches of 2 (one per caller here): a
+    batch is cancelled only when none of its prompts is wanted any more."""
+    eng = CountingEngine(FakeTokenizer(), delay=3.0) if batch_size is None else BatchingEngine(
+        FakeTokenizer(), delay=3.0, batch_size=batch_size)
     grader = Grader(eng, policy)
     lone = asyncio.ensure_future(grader.grade(items(1)))
     shared_a = asyncio.ensure_future(grader.grade(items(2)[1:]))
     shared_b = asyncio.ensure_future(grader.grade(items(2)[1:]))
-    # Cancel once all 4 distinct prompts are at the engine, not after a fixed sleep: the engine then holds them
-    # 3 s, so the cancellation lands first even when a loaded machine stalls this loop for a while.
-    await until_active(eng, 4)
+    # Cancel once every engine call has arrived (4 prompts, or 2 batches), not after a fixed sleep: the engine then
+    # holds them 3 s, so the cancellation lands first even when a loaded machine stalls this loop for a while.
+    await until_active(eng, 4 if batch_size is None else 2)
     lone.cancel()
     shared_a.cancel()
     with pytest.raises(asyncio.CancelledError):
         await lone
     result = await shared_b  # still answered: another caller was waiting for the same prompts
     assert set(result[0]) == {"apology", "judgmental"}
-    assert eng.cancelled == 2  # the two prompts only the cancelled caller wanted
+    assert eng.cancelled == (2 if batch_size is None else 1)  # only what the cancelled caller alone wanted
     assert grader.in_flight == 0
 
 
