@@ -217,7 +217,8 @@ def served_caveats(settings: Settings, model: RewardModel) -> list[str]:
     """What an operator should know is weak about what this process serves (the embedded grader, chance weights)."""
     caveats = []
     if settings.engine == "vllm" and not settings.grader_model:
-        caveats.append("the grader is the embedded 135M model, no safety grader")
+        caveats.append("the grader is the embedded SmolLM2-135M, a demo-size model (its prompted propositions grade "
+                       "at chance)")
     accuracies = [m.get("heldout_pair_accuracy") for m in
                   (model.weights.metrics.get("response_types") or {}).values() if isinstance(m, dict)]
     accuracies = [a for a in accuracies if isinstance(a, (int, float))]
