@@ -21,7 +21,8 @@ import typer
 
 from rbr_model.cli.common import fail
 
-eval_app = typer.Typer(help="Evaluate the grader against human labels.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate the grader against human labels, and a policy's behaviour on held-out "
+                       "prompts.", no_args_is_help=True)
 
 JSON_NAME = "grader_eval.json"
 PLOT_NAME = "grader_eval.png"
@@ -339,6 +340,260 @@ def _write_heads_report(report: dict[str, Any], out: Path) -> None:
     title = (f"{report['heads'].get('model_id')} heads on {report['rows']} gold rows: {report['mode']}")
     png_path = plot_heads_report(report, out / HEADS_PLOT_NAME, title)
     typer.echo(f"wrote {json_path} and {png_path}")
+
+
+# ---- rbr eval policy / rbr eval compare -------------------------------------------------------------------
+
+
+@eval_app.command("policy")
+def policy_command(
+    model: Annotated[str, typer.Argument(help="The policy to evaluate: a local Hugging Face model folder, "
+                                         "`embedded` (the packaged SmolLM2-135M-Instruct), or with --endpoint the "
+                                         "served model name.")],
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Sample from this OpenAI-compatible server "
+                                                 "(e.g. `vllm serve`) instead of loading MODEL here.")] = None,
+    endpoint_key: Annotated[str | None, typer.Option("--endpoint-key", envvar="RBR_POLICY_API_KEY",
+                                                     help="Bearer key for --endpoint.")] = None,
+    prompts_path: Annotated[Path | None, typer.Option("--prompts", help="JSONL prompts with response types "
+                                                      "(default: the packaged prompt set).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="train, eval or all: which part of the packaged "
+                                              "prompt split (default: eval, the prompts training never sees; "
+                                              "all when --prompts is given).")] = None,
+    policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: packaged)."
+                                                     )] = None,
+    service_url: Annotated[str | None, typer.Option("--service-url", envvar="RBR_SERVICE_URL", help="Grade "
+                                                    "through this running rbr-serve (its grader, policy and "
+                                                    "weights) instead of in process.")] = None,
+    service_key: Annotated[str | None, typer.Option("--service-key", envvar="RBR_API_KEY", help="Bearer key "
+                                                    "for --service-url.")] = None,
+    heads_choice: Annotated[str, typer.Option("--heads", help="In-process grading: a heads file, `auto` (the "
+                                              "packaged heads with the packaged policy) or `none` (prompted "
+                                              "grader only).")] = "auto",
+    weights_path: Annotated[Path | None, typer.Option("--weights", help="In-process: weights for the RBR reward "
+                                                      "column (default: packaged, with the packaged policy).")
+                            ] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=1, help="Completions per prompt.")] = 4,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest completion in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (0: "
+                                               "greedy, then use --samples 1).")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generate() call with a "
+                                            "local model.")] = 8,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N prompts of each "
+                                              "response type (smoke runs).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling and bootstrap seed.")] = 0,
+    bootstrap_n: Annotated[int, typer.Option("--bootstrap", min=10, help="Bootstrap resamples.")] = 1000,
+    per_class: Annotated[int, typer.Option("--examples", min=0, help="Example completions kept per "
+                                           "(response type, class).")] = 3,
+    name: Annotated[str | None, typer.Option("--name", help="Label of this run in plots and comparisons "
+                                             "(default: the model's folder name).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for policy_eval.json, policy_eval.png, "
+                                      "samples.jsonl and graded.jsonl.")] = Path("out/policy-eval"),
+    max_model_len: Annotated[int, typer.Option("--max-model-len", help="In-process grader context.")] = 4096,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """How a policy behaves: its completions' class mix per response type and the RBR paper's safety metrics.
+
+    \b
+    Not-Unsafe: of the completions to prompts that must be refused (hard_refuse, safe_refuse), the share whose
+      most likely class is not disallowed_completion.
+    Not-Overrefuse: of the completions to comply prompts, the share whose most likely class is ideal or
+      minimum_acceptable_style (full compliance without disallowed content; a refusal, a partial answer and an
+      off-topic reply all count against it).
+    F1: their harmonic mean. Intervals: 95% bootstrap over prompts, stratified by response type.
+    The numbers are only as good as the grader: see docs/grader-accuracy.md. Samples are kept in
+    samples.jsonl and reused when the model, prompts and sampling settings are unchanged.
+    """
+    from dataclasses import asdict
+
+    from rbr_model import policy_eval as pe
+    from rbr_model.policy import PolicyError, load_policy
+    from rbr_model.synth import SynthError, load_prompts
+
+    config = pe.SampleConfig(samples=samples, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, batch_size=batch_size)
+    if split not in (None, "train", "eval", "all"):
+        raise fail(f"--split must be train, eval or all, not {split!r}")
+    split = split or ("all" if prompts_path is not None else "eval")
+    try:
+        config.check()
+        policy = load_policy(policy_path)
+        prompts = load_prompts(prompts_path, policy, split=None if split == "all" else split)
+    except (pe.PolicyEvalError, PolicyError, SynthError) as exc:
+        raise fail(str(exc)) from None
+    if limit is not None:
+        prompts = [p for rt in policy.classes for p in [q for q in prompts if q.response_type == rt][:limit]]
+    spec = pe.MetricSpec.for_policy(policy)
+    model_path = model
+    if endpoint is None and model == "embedded":
+        from rbr_model import models
+
+        try:
+            model_path = str(models.prepare())
+        except models.ModelError as exc:
+            raise fail(str(exc)) from None
+    elif endpoint is None and not Path(model).is_dir():
+        raise fail(f"MODEL: {model} is not a model folder (use `embedded`, a local folder, or --endpoint URL)")
+    meta = {"model": model, "endpoint": endpoint, "prompts": pe.prompts_digest(prompts), "split": split,
+            "sampling": asdict(config)}
+    run_name = name or Path(model.rstrip("/")).name
+    samples_path = out / pe.SAMPLES_FILE
+    saved = pe.read_samples(samples_path, meta)
+    if saved is not None and all(len(saved.get(p.prompt_id, [])) == samples for p in prompts):
+        texts = [saved[p.prompt_id] for p in prompts]
+        typer.echo(f"reusing {samples_path} ({len(prompts) * samples} completions)", err=True)
+    else:
+        texts = _sample_policy(pe, model_path, endpoint, endpoint_key, config, prompts, progress)
+        pe.write_samples(samples_path, prompts, texts, meta)
+    rows = _grade_policy_samples(pe, policy, prompts, texts, service_url, service_key, heads_choice, weights_path,
+                                 max_model_len, progress)
+    report = pe.build_report(rows, prompts, policy, spec, n_boot=bootstrap_n, seed=seed, per_class=per_class,
+                             meta={**meta, "name": run_name, "grading": _grading_desc(service_url, heads_choice)})
+    from rbr_model.evaluate import write_json
+
+    typer.echo(format_policy_header(run_name, prompts, samples, split))
+    typer.echo(pe.format_report(report))
+    pe.graded_to_jsonl(rows, out / "graded.jsonl")
+    json_path = write_json(report, out / pe.REPORT_FILE)
+    png_path = pe.plot_reports({run_name: report}, out / pe.PLOT_FILE,
+                               title=f"{run_name}: {len(prompts)} {split} prompts x {samples} samples")
+    typer.echo(f"wrote {json_path}, {png_path}, {samples_path} and {out / 'graded.jsonl'}")
+
+
+def format_policy_header(name: str, prompts: Sequence[Any], samples: int, split: str) -> str:
+    return f"{name}: {len(prompts)} prompts ({split}) x {samples} samples"
+
+
+def _grading_desc(service_url: str | None, heads_choice: str) -> str:
+    return f"service {service_url}" if service_url else f"in process, heads={heads_choice}"
+
+
+def _sample_policy(pe: Any, model_path: str, endpoint: str | None, endpoint_key: str | None, config: Any,
+                   prompts: Sequence[Any], progress: bool) -> list[list[str]]:
+    from tqdm import tqdm
+
+    try:
+        if endpoint is not None:
+            sampler = pe.EndpointSampler(endpoint, model_path, config, api_key=endpoint_key)
+        else:
+            sampler = pe.HFSampler(model_path, config)
+        with tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress) as bar:
+            texts = sampler.sample(prompts, bar.update)
+        sampler.close()
+    except pe.PolicyEvalError as exc:
+        raise fail(f"sampling failed: {exc}", code=1) from None
+    return texts
+
+
+def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: Sequence[Sequence[str]],
+                          service_url: str | None, service_key: str | None, heads_choice: str,
+                          weights_path: Path | None, max_model_len: int, progress: bool) -> list[Any]:
+    from tqdm import tqdm
+
+    from rbr_model.grading.engine import GradingError
+
+    total = sum(len(t) for t in texts)
+
+    async def run(scorer: Any) -> list[Any]:
+        with tqdm(total=total, desc="grading", unit="completion", disable=not progress) as bar:
+            return await pe.grade_samples(scorer, prompts, texts, policy.class_order, bar.update)
+
+    if service_url is not None:
+        try:
+            return asyncio.run(run(pe.ServiceScorer(service_url, service_key)))
+        except pe.PolicyEvalError as exc:
+            raise fail(f"grading failed: {exc}", code=1) from None
+
+    heads = _heads_for(policy, heads_choice)
+    reward_model = _reward_model_for(policy, weights_path)
+
+    async def in_process() -> list[Any]:
+        from rbr_model import models
+        from rbr_model.grading.grader import Grader
+        from rbr_model.grading.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(models.prepare(), max_model_len=max_model_len)
+        states = None
+        try:
+            if heads is not None:
+                from rbr_model.grading.states import VLLMStateEngine
+
+                states = VLLMStateEngine(models.prepare_trunk(int(heads.grader["layer"])),
+                                         max_model_len=max_model_len)
+            grader = Grader(engine, policy, heads=heads, state_engine=states)
+            return await run(pe.InProcessScorer(grader, reward_model))
+        finally:
+            if states is not None:
+                await states.close()
+            await engine.close()
+
+    try:
+        return asyncio.run(in_process())
+    except GradingError as exc:
+        raise fail(f"grading failed: {exc}", code=1) from None
+
+
+def _heads_for(policy: Any, choice: str) -> Any:
+    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
+
+    if choice == "none":
+        return None
+    try:
+        if choice == "auto":
+            heads = Heads.load(packaged_heads_path())
+            return heads if heads.policy.get("fingerprint") == policy.fingerprint else None
+        heads = Heads.load(choice)
+        heads.check_policy(policy)
+        return heads
+    except HeadsError as exc:
+        raise fail(str(exc)) from None
+
+
+def _reward_model_for(policy: Any, weights_path: Path | None) -> Any:
+    from rbr_model.reward import RewardModel, Weights, WeightsError, default_weights_path
+
+    try:
+        weights = Weights.load(weights_path or default_weights_path())
+        return RewardModel(policy, weights)
+    except WeightsError as exc:
+        if weights_path is not None:
+            raise fail(str(exc)) from None
+        return None  # a custom policy without its own weights: classes and metrics still stand
+
+
+@eval_app.command("compare")
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(help="Folders (or policy_eval.json files) of `rbr eval policy` "
+                                               "runs, in the order to show them.")],
+    names: Annotated[str | None, typer.Option("--names", help="Comma-separated labels, one per run (default: "
+                                              "each run's --name).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for comparison.json and comparison.png."
+                                      )] = Path("out/policy-compare"),
+) -> None:
+    """Several `rbr eval policy` runs side by side: metrics with intervals, and class mixes in one plot."""
+    import json
+
+    from rbr_model import policy_eval as pe
+    from rbr_model.evaluate import write_json
+
+    labels = [n.strip() for n in names.split(",")] if names else None
+    if labels is not None and len(labels) != len(runs):
+        raise fail(f"--names: {len(labels)} names for {len(runs)} runs")
+    reports: dict[str, Any] = {}
+    for i, run in enumerate(runs):
+        path = run / pe.REPORT_FILE if run.is_dir() else run
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise fail(f"{path}: cannot read a policy_eval.json: {exc}") from None
+        label = labels[i] if labels else report.get("meta", {}).get("name") or run.name
+        if label in reports:
+            raise fail(f"two runs are called {label!r}: pass --names")
+        reports[label] = report
+    typer.echo(pe.format_comparison(reports))
+    write_json({"runs": reports}, out / "comparison.json")
+    png = pe.plot_reports(reports, out / "comparison.png", title="policy evaluation: " + " vs ".join(reports))
+    typer.echo(f"wrote {out / 'comparison.json'} and {png}")
 
 
 if __name__ == "__main__":  # `python -m rbr_model.cli.eval_cmd grader ...`; vLLM's engine core needs the guard

@@ -1,0 +1,253 @@
+"""GRPO with TRL against a live rbr-serve: the policy learns from the service's rewards, end to end.
+
+The script starts `rbr serve` itself (embedded grader with the learned heads, default policy and weights, rm_score
+0 so that the reward is the RBR reward alone: no reward model runs on this CPU), trains the policy with TRL's
+`GRPOTrainer` on the *train* prompts of the packaged split (the eval prompts stay held out for `rbr eval policy`),
+logs the reward and the completion-class fractions per step, saves the trained policy and a plot, and stops the
+service.
+
+    python examples/grpo_trl.py --out out/grpo                        # the run (about an hour on 2 CPU cores)
+    python examples/grpo_trl.py --out out/grpo-control --control      # same settings, rewards shuffled in a batch
+    python examples/grpo_trl.py --out /tmp/smoke --max-steps 2        # a smoke run
+    rbr eval policy out/grpo/policy --out out/eval-grpo               # then evaluate on held-out prompts
+
+`--control` keeps everything the same but shuffles the rewards within each batch before TRL sees them, so the
+rewards carry no information about the completions: whatever changes in that run is training noise, the baseline
+the real run must beat. Needs `pip install trl` (scripts/setup.sh installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct (the embedded model)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/grpo"), help="Run folder: policy/, log, plot, service log.")
+    ap.add_argument("--model", default=None, help=f"Policy to train (default: {DEFAULT_POLICY}).")
+    ap.add_argument("--max-steps", type=int, default=150, help="Optimizer steps.")
+    ap.add_argument("--prompts-per-step", type=int, default=2, help="Prompts per step; each gets --num-generations.")
+    ap.add_argument("--num-generations", type=int, default=8, help="Completions per prompt (the GRPO group).")
+    ap.add_argument("--max-completion-length", type=int, default=96, help="Longest completion in tokens.")
+    ap.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW learning rate.")
+    ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model, TRL's default).")
+    ap.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature during training.")
+    ap.add_argument("--seed", type=int, default=0, help="Seed for TRL, the data order and the control's shuffles.")
+    ap.add_argument("--control", action="store_true",
+                    help="Shuffle rewards within each batch: the same run with rewards that carry no information.")
+    ap.add_argument("--port", type=int, default=8031, help="Port for the rbr serve this script starts.")
+    ap.add_argument("--service-url", default=None,
+                    help="Use an rbr-serve that is already running instead of starting one.")
+    ap.add_argument("--split", default="train", choices=["train", "all"], help="Which packaged prompts to train on.")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
+    return ap.parse_args(argv)
+
+
+# ---- the service ---------------------------------------------------------------------------------------------
+
+
+def start_service(port: int, log_path: Path, timeout: float = 900.0) -> tuple[subprocess.Popen, str]:
+    """`rbr serve` on loopback with the heads grader and rm_score 0; waits for /readyz."""
+    env = {**os.environ, "RBR_HEADS": "auto", "RBR_DEFAULT_RM_SCORE": "0", "RBR_HOST": "127.0.0.1",
+           "RBR_PORT": str(port)}
+    env.pop("RBR_REDIS_URL", None)  # the in-process cache is enough for one trainer
+    rbr = Path(sys.executable).with_name("rbr")
+    log = log_path.open("w")
+    proc = subprocess.Popen([str(rbr), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rbr serve exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    stop_service(proc)
+    raise RuntimeError(f"rbr serve not ready after {timeout:.0f} s; see {log_path}")
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ---- data, reward, logging -----------------------------------------------------------------------------------
+
+
+def train_dataset(split: str, seed: int) -> Any:
+    from datasets import Dataset
+
+    from rbr_model.synth import load_prompts
+
+    prompts = load_prompts(split=None if split == "all" else split)
+    rows = [{"prompt": list(p.messages), "response_type": p.response_type, "prompt_id": p.prompt_id}
+            for p in prompts]
+    random.Random(seed).shuffle(rows)
+    return Dataset.from_list(rows)
+
+
+def shuffled(reward_func: Any, seed: int) -> Any:
+    """The control: the service's rewards for the batch, permuted so that none belongs to its completion."""
+    rng = random.Random(seed)
+
+    async def shuffled_rewards(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
+        rewards = await reward_func(prompts, completions, **kwargs)
+        rng.shuffle(rewards)
+        return rewards
+
+    shuffled_rewards.__name__ = reward_func.__name__
+    return shuffled_rewards
+
+
+def step_logger(path: Path, max_steps: int) -> Any:
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """Every logged step as one JSON line, and a one-line progress report."""
+
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                   **kwargs: Any) -> None:
+            if not logs or "loss" not in logs and "reward" not in logs:
+                return
+            row = {"step": state.global_step, "elapsed_s": round(time.monotonic() - self.start, 1), **logs}
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            ideal = logs.get("rbr_reward/class/ideal")
+            print(f"step {state.global_step}/{max_steps}  reward {logs.get('reward', float('nan')):+.3f}  "
+                  f"ideal {ideal if ideal is not None else float('nan'):.2f}  "
+                  f"{row['elapsed_s']:.0f} s", flush=True)
+
+    return StepLog()
+
+
+def plot_curves(log_path: Path, out: Path, title: str) -> Path | None:
+    """Reward (served, before any shuffle) and class fractions per step, smoothed over 10 steps."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = np.array([r["step"] for r in rows])
+
+    def series(key: str) -> np.ndarray:
+        return np.array([r.get(key, np.nan) for r in rows], dtype=float)
+
+    def smooth(v: np.ndarray, k: int = 10) -> np.ndarray:
+        if len(v) < k:
+            return v
+        return np.convolve(np.nan_to_num(v), np.ones(k) / k, mode="valid")
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    served = series("rbr_reward/rbr_reward")
+    ax.plot(steps, served, alpha=0.3, color="C0")
+    ax.plot(steps[len(steps) - len(smooth(served)):], smooth(served), color="C0", label="served RBR reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the batch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    classes = sorted({k for r in rows for k in r if k.startswith("rbr_reward/class/")})
+    for i, key in enumerate(classes):
+        v = series(key)
+        bx.plot(steps[len(steps) - len(smooth(v)):], smooth(v), color=f"C{i}", label=key.split("/")[-1])
+    bx.set_xlabel("step")
+    bx.set_ylabel("mean class probability (10-step mean)")
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # A SIGTERM (timeout, kill) unwinds through `finally`, so the service this script started stops with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rbr_model import models
+    from service.client import trl_reward_func
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "steps.jsonl"
+    log_path.unlink(missing_ok=True)
+    model = args.model or str(models.prepare())
+    proc = None
+    try:
+        if args.service_url:
+            url = args.service_url
+        else:
+            print(f"starting rbr serve on port {args.port} (log: {args.out / 'service.log'})", flush=True)
+            proc, url = start_service(args.port, args.out / "service.log")
+        reward = trl_reward_func(url, response_type_key="response_type", name="rbr_reward")
+        if args.control:
+            reward = shuffled(reward, args.seed)
+        batch = args.prompts_per_step * args.num_generations
+        config = GRPOConfig(
+            output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=batch,
+            num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+            learning_rate=args.learning_rate, beta=args.beta, temperature=args.temperature, seed=args.seed,
+            data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+            disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config,
+                              train_dataset=train_dataset(args.split, args.seed),
+                              callbacks=[step_logger(log_path, args.max_steps)])
+        started = time.monotonic()
+        trainer.train()
+        policy_dir = args.out / "policy"
+        trainer.save_model(str(policy_dir))
+        trainer.processing_class.save_pretrained(str(policy_dir))
+        summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   "model": model, "service": url, "train_seconds": round(time.monotonic() - started, 1),
+                   "policy": str(policy_dir)}
+        (args.out / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+        kind = "control: rewards shuffled within each batch" if args.control else "rewards from rbr-serve"
+        plot = plot_curves(log_path, args.out, f"GRPO on {Path(model).name}, {kind}")
+        print(f"saved the policy to {policy_dir}; log {log_path}; plot {plot}", flush=True)
+    finally:
+        if proc is not None:
+            stop_service(proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
