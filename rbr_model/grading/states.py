@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from rbr_model.aio import gather_or_cancel
 from rbr_model.grading.engine import GradingError
 from rbr_model.grading.vllm_engine import AsyncLLMOwner
 from rbr_model.heads.inputs import HeadInput
@@ -143,7 +144,7 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
     async def token_states(self, inputs: Sequence[HeadInput]) -> list[np.ndarray]:
         self._check_open()
         _check_ids(inputs, self.max_model_len)
-        return list(await self._gather([self._one(inp) for inp in inputs]))
+        return await gather_or_cancel(self._one(inp) for inp in inputs)
 
 
 class RemoteStateEngine(StateEngine):
