@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="Use an rbr-serve that is already running instead of starting one.")
     ap.add_argument("--split", default="train", choices=["train", "all"], help="Which packaged prompts to train on.")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
+    ap.add_argument("--time-budget-min", type=float, default=None,
+                    help="Stop after this many minutes even if --max-steps is not reached (run.json says where).")
     return ap.parse_args(argv)
 
 
@@ -71,17 +73,23 @@ def start_service(port: int, log_path: Path, timeout: float = 900.0) -> tuple[su
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rbr serve exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    stop_service(proc)
-    raise RuntimeError(f"rbr serve not ready after {timeout:.0f} s; see {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rbr serve exited with {proc.returncode}; see {log_path}")
+            try:
+                resp = httpx.get(f"{url}/readyz", timeout=5)
+                if resp.status_code == 200:
+                    return proc, url
+                if resp.status_code == 503 and "failed to start" in resp.text:
+                    raise RuntimeError(f"rbr serve: {resp.json()['error']['message']}; see {log_path}")
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"rbr serve not ready after {timeout:.0f} s; see {log_path}")
+    except BaseException:  # not ready, or this script was stopped while waiting: take the service down too
+        stop_service(proc)
+        raise
 
 
 def stop_service(proc: subprocess.Popen) -> None:
@@ -146,6 +154,22 @@ def step_logger(path: Path, max_steps: int) -> Any:
     return StepLog()
 
 
+def time_budget(minutes: float) -> Any:
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        """Ends training after the first step that finishes past the budget."""
+
+        def __init__(self) -> None:
+            self.deadline = time.monotonic() + 60 * minutes
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if time.monotonic() > self.deadline:
+                control.should_training_stop = True
+
+    return TimeBudget()
+
+
 def plot_curves(log_path: Path, out: Path, title: str) -> Path | None:
     """Reward (served, before any shuffle) and class fractions per step, smoothed over 10 steps."""
     import matplotlib
@@ -201,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
+    from rbr_client import trl_reward_func
     from rbr_model import models
-    from service.client import trl_reward_func
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
             disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0,
         )
+        callbacks = [step_logger(log_path, args.max_steps)]
+        if args.time_budget_min:
+            callbacks.append(time_budget(args.time_budget_min))
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config,
-                              train_dataset=train_dataset(args.split, args.seed),
-                              callbacks=[step_logger(log_path, args.max_steps)])
+                              train_dataset=train_dataset(args.split, args.seed), callbacks=callbacks)
         started = time.monotonic()
         trainer.train()
         policy_dir = args.out / "policy"
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.processing_class.save_pretrained(str(policy_dir))
         summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    "model": model, "service": url, "train_seconds": round(time.monotonic() - started, 1),
+                   "steps": trainer.state.global_step,
                    "policy": str(policy_dir)}
         (args.out / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
         kind = "control: rewards shuffled within each batch" if args.control else "rewards from rbr-serve"
