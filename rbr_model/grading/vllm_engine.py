@@ -71,8 +71,8 @@ def cpu_engine_env() -> None:
 
 
 class AsyncLLMOwner:
-    """What every engine that owns a vLLM `AsyncLLM` (`self._llm`) does alike: run requests together, report
-    health, shut down once."""
+    """What every engine that owns a vLLM `AsyncLLM` (`self._llm`) does alike: report health, shut down once.
+    (They run requests together through `rbr_model.aio.gather_or_cancel`.)"""
 
     _llm: Any
     _closed: bool
