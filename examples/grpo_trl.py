@@ -108,7 +108,7 @@ def stop_service(proc: subprocess.Popen) -> None:
 def train_dataset(split: str, seed: int) -> Any:
     from datasets import Dataset
 
-    from rbr_model.synth import load_prompts
+    from rbr_model.prompt_set import load_prompts
 
     prompts = load_prompts(split=None if split == "all" else split)
     rows = [{"prompt": list(p.messages), "response_type": p.response_type, "prompt_id": p.prompt_id}

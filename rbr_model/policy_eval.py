@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from rbr_model.aio import gather_or_cancel
 from rbr_model.features import CLASS_PREFIX, FeatureBuilder
 from rbr_model.policy import Policy
-from rbr_model.synth import SynthPrompt, top_class
+from rbr_model.prompt_set import SynthPrompt
+from rbr_model.synth import top_class
 
 COMPLY_CLASSES = ("ideal", "minimum_acceptable_style")
 UNSAFE_CLASSES = ("disallowed_completion",)
@@ -175,13 +177,7 @@ class EndpointSampler:
             return texts
 
         async with httpx.AsyncClient(timeout=self.timeout) as client:
-            tasks = [asyncio.ensure_future(one(client, i, p)) for i, p in enumerate(prompts)]
-            try:
-                return list(await asyncio.gather(*tasks))
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            return await gather_or_cancel(one(client, i, p) for i, p in enumerate(prompts))
 
     def close(self) -> None:
         pass
@@ -217,13 +213,7 @@ class InProcessScorer:
                 progress(1)
             return feats, classes, rbr
 
-        tasks = [asyncio.ensure_future(one(p, t)) for p, t in pairs]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return await gather_or_cancel(one(p, t) for p, t in pairs)
 
 
 class ServiceScorer:

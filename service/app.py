@@ -14,13 +14,7 @@ from service.errors import error_response, install_error_handlers
 from service.metrics import Metrics
 from service.routes import admin, health, openrlhf, rewards
 from service.settings import Settings
-from service.state import (  # noqa: F401 - the builders' old home; `rbr serve` imports two from here
-    AppState,
-    app_state,
-    load_heads,
-    load_reward_model,
-    running,
-)
+from service.state import AppState, app_state, running
 
 if TYPE_CHECKING:
     from rbr_model.grading.states import StateEngine

@@ -50,7 +50,7 @@ def serve(
     from rbr_model.heads import HeadsError
     from rbr_model.policy import PolicyError
     from rbr_model.reward import WeightsError
-    from service.app import load_heads, load_reward_model
+    from service.state import load_heads, load_reward_model
 
     try:
         model = load_reward_model(settings.policy_path, settings.weights_path)

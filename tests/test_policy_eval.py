@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from rbr_model import policy_eval as pe
 from rbr_model.cli import app
 from rbr_model.policy import load_policy
-from rbr_model.synth import SynthPrompt
+from rbr_model.prompt_set import SynthPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 RBR = str(Path(sys.executable).with_name("rbr"))

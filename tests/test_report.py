@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from rbr_model.cli import app
 from rbr_model.fit import load_orderings, pair_accuracy, split_prompts
 from rbr_model.policy import load_policy
+from rbr_model.prompt_set import load_prompt_split, load_prompts
 from rbr_model.report import build_report, packaged_data, rank_labels
 from rbr_model.reward import Weights
-from rbr_model.synth import load_prompt_split, load_prompts
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import fail
+from rbr_model.cli.common import fail, failing
 
 eval_app = typer.Typer(help="Evaluate the grader against human labels, and a policy's behaviour on held-out "
                        "prompts.", no_args_is_help=True)
@@ -218,10 +218,8 @@ def grader(
 
     policy, rows, mapping, why = load_labelled(gold, policy_path, map_path, _split(propositions))
     typer.echo(f"comparing {len(mapping)} propositions with gold labels: {why}", err=True)
-    try:
+    with failing(CalibrationError):
         calibration = Calibration.load(calibration_path) if calibration_path is not None else None
-    except CalibrationError as exc:
-        raise fail(str(exc)) from None
     rows = subsample(rows, limit, seed)
     heads_report = None
     if method in ("heads", "both"):
@@ -234,10 +232,8 @@ def grader(
     if model is None:
         from rbr_model import models
 
-        try:
+        with failing(models.ModelError):
             model = str(models.prepare())
-        except models.ModelError as exc:
-            raise fail(str(exc)) from None
     if calibration is not None:
         fitted_model = calibration.fitted_for.get("model_id")
         if fitted_model and fitted_model != Path(model.rstrip("/")).name and engine == "vllm":
@@ -278,19 +274,15 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     from rbr_model.heads.evaluation import applied_report, cross_validated_report
 
     path = heads_path or packaged_heads_path()
-    try:
+    with failing(HeadsError):
         heads = Heads.load(path)
-    except HeadsError as exc:
-        raise fail(str(exc)) from None
     trained_on = heads.info.get("gold_sha256")
     if cv is None:
         cv = trained_on == file_sha256(gold)
-    try:
+    with failing(models.ModelError, HeadsError):
         trunk = models.prepare_trunk(int(heads.grader["layer"]))
         if not cv:
             heads.check_model(trunk.name, models.model_hash(trunk))
-    except (models.ModelError, HeadsError) as exc:
-        raise fail(str(exc)) from None
     typer.echo(f"heads {path} (layer {heads.grader['layer']}); "
                + (f"{folds}-fold nested CV on {gold}" if cv else f"applied as fitted to {gold}"), err=True)
     try:
@@ -408,19 +400,17 @@ def policy_command(
 
     from rbr_model import policy_eval as pe
     from rbr_model.policy import PolicyError, load_policy
-    from rbr_model.synth import SynthError, load_prompts
+    from rbr_model.prompt_set import SynthError, load_prompts
 
     config = pe.SampleConfig(samples=samples, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, batch_size=batch_size)
     if split not in (None, "train", "eval", "all"):
         raise fail(f"--split must be train, eval or all, not {split!r}")
     split = split or ("all" if prompts_path is not None else "eval")
-    try:
+    with failing(pe.PolicyEvalError, PolicyError, SynthError):
         config.check()
         policy = load_policy(policy_path)
         prompts = load_prompts(prompts_path, policy, split=None if split == "all" else split)
-    except (pe.PolicyEvalError, PolicyError, SynthError) as exc:
-        raise fail(str(exc)) from None
     if limit is not None:
         prompts = [p for rt in policy.classes for p in [q for q in prompts if q.response_type == rt][:limit]]
     spec = pe.MetricSpec.for_policy(policy)
@@ -428,10 +418,8 @@ def policy_command(
     if endpoint is None and model == "embedded":
         from rbr_model import models
 
-        try:
+        with failing(models.ModelError):
             model_path = str(models.prepare())
-        except models.ModelError as exc:
-            raise fail(str(exc)) from None
     elif endpoint is None and not Path(model).is_dir():
         raise fail(f"MODEL: {model} is not a model folder (use `embedded`, a local folder, or --endpoint URL)")
     meta = {"model": model, "endpoint": endpoint, "prompts": pe.prompts_digest(prompts), "split": split,
@@ -538,15 +526,13 @@ def _heads_for(policy: Any, choice: str) -> Any:
 
     if choice == "none":
         return None
-    try:
+    with failing(HeadsError):
         if choice == "auto":
             heads = Heads.load(packaged_heads_path())
             return heads if heads.policy.get("fingerprint") == policy.fingerprint else None
         heads = Heads.load(choice)
         heads.check_policy(policy)
         return heads
-    except HeadsError as exc:
-        raise fail(str(exc)) from None
 
 
 def _reward_model_for(policy: Any, weights_path: Path | None) -> Any:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
-from rbr_model.cli.common import fail
+from rbr_model.cli.common import fail, failing
 from rbr_model.fit import SOLVERS, HingeFitter, load_orderings, load_rows
 from rbr_model.policy import PolicyError, load_policy
 from rbr_model.reward import Weights, WeightsError
@@ -95,19 +95,13 @@ def fit(
     """Fit per-response-type RBR weights with the pairwise hinge loss and write the weights file."""
     if solver not in SOLVERS:
         raise fail(f"--solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
-    try:
+    with failing(ValueError):
         margins = parse_label_margins(label_margin)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    try:
+    with failing(PolicyError):
         policy = load_policy(policy_path)
-    except PolicyError as exc:
-        raise fail(str(exc)) from None
-    try:
+    with failing(ValueError):
         rows = load_rows(data)
         order = load_orderings(orderings)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
 
     prior_weights = None
     if prior is not None:
@@ -124,9 +118,8 @@ def fit(
                          heldout_fraction=heldout, seed=seed, steps=steps, lr=lr, solver=solver, callback=bar,
                          prior=prior_weights)
     try:
-        fitter.fit(rows, order, policy=policy, grader_id=grader_id)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
+        with failing(ValueError):
+            fitter.fit(rows, order, policy=policy, grader_id=grader_id)
     finally:
         bar.close()
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import fail
+from rbr_model.cli.common import fail, failing
 
 heads_app = typer.Typer(
     help="Learned proposition heads: logistic regressions on the grader trunk's hidden states, fitted on "
@@ -39,7 +39,7 @@ def load_labelled(gold: Path, policy_path: Path | None, map_path: Path | None,
     from rbr_model.evaluate import GoldError, default_label_map, load_gold, load_label_map, resolve_label_map
     from rbr_model.policy import PolicyError, load_policy
 
-    try:
+    with failing(GoldError, PolicyError):
         rows = load_gold(gold)
         policy = load_policy(policy_path)
         if map_path is not None:
@@ -47,8 +47,6 @@ def load_labelled(gold: Path, policy_path: Path | None, map_path: Path | None,
         else:
             label_map, why = default_label_map(policy, rows)
         mapping = resolve_label_map(policy, rows, label_map, propositions)
-    except (GoldError, PolicyError) as exc:
-        raise fail(str(exc)) from None
     return policy, rows, mapping, why
 
 
@@ -59,10 +57,8 @@ def resolve_trunk(trunk: Path | None, layer: int) -> Path:
         if not (trunk / "config.json").is_file():
             raise fail(f"--trunk {trunk}: not a model folder (no config.json)")
         return trunk
-    try:
+    with failing(models.ModelError):
         return models.prepare_trunk(layer)
-    except models.ModelError as exc:
-        raise fail(str(exc)) from None
 
 
 async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_dir: Path | None,
@@ -203,10 +199,8 @@ def show(path: Annotated[Path | None, typer.Argument(help="Heads file (default: 
     """Print a heads file's trunk, policy and per-head CV metrics."""
     from rbr_model.heads import Heads, HeadsError, packaged_heads_path
 
-    try:
+    with failing(HeadsError):
         heads = Heads.load(path or packaged_heads_path())
-    except HeadsError as exc:
-        raise fail(str(exc)) from None
     g = heads.grader
     typer.echo(f"{heads.source}\n  trunk {g.get('model_id')} (layer {g.get('layer')}, hash {g['model_hash'][:12]}), "
                f"{g.get('pooling')}\n  policy {heads.policy.get('name')} ({heads.policy['fingerprint'][:12]}); "

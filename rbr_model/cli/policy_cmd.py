@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from rbr_model.cli.common import fail
+from rbr_model.cli.common import fail, failing
 from rbr_model.features import FeatureBuilder, derive_class
 from rbr_model.policy import Policy, PolicyError, load_policy, policy_to_yaml
 
@@ -19,10 +19,8 @@ PolicyPath = Annotated[Path | None, typer.Option("--policy", "-p", help="Policy 
 
 
 def _load(path: Path | None) -> Policy:
-    try:
+    with failing(PolicyError):
         return load_policy(path)
-    except PolicyError as exc:
-        raise fail(str(exc)) from None
 
 
 @policy_app.command("check")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rbr_model.cli.common import fail
+from rbr_model.cli.common import fail, failing
 from rbr_model.fit import load_orderings, load_rows
 from rbr_model.policy import PolicyError, load_policy
 from rbr_model.report import SCORER_TITLES, SCORERS, build_report, packaged_data
@@ -36,19 +36,13 @@ def report(
     if heldout is not None and not 0.0 <= heldout < 1.0:
         raise fail(f"--heldout: expected a fraction in [0, 1), got {heldout}")
     orderings_path = orderings if orderings is not None else packaged_data("orderings.yaml")
-    try:
+    with failing(PolicyError):
         policy = load_policy(policy_path)
-    except PolicyError as exc:
-        raise fail(str(exc)) from None
-    try:
+    with failing(WeightsError):
         w = Weights.load(weights)
-    except WeightsError as exc:
-        raise fail(str(exc)) from None
-    try:
+    with failing(ValueError):
         rows = load_rows(data)
         order = load_orderings(orderings_path)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
     sources = {"data": str(data), "weights file": str(weights), "orderings": str(orderings_path)}
     try:
         summary = build_report(rows, w, policy, order, out, heldout_fraction=heldout, seed=seed, sources=sources)

@@ -8,18 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import fail
+from rbr_model.cli.common import fail, failing
 from rbr_model.policy import PolicyError, load_policy
-from rbr_model.synth import (
-    ROWS_FILE,
-    SynthConfig,
-    SynthError,
-    Synthesizer,
-    load_expectations,
-    load_labels,
-    load_prompts,
-    policy_response_type,
-)
+from rbr_model.prompt_set import SynthError, load_expectations, load_labels, load_prompts, policy_response_type
+from rbr_model.synth import ROWS_FILE, SynthConfig, Synthesizer
 
 _D = SynthConfig()
 
@@ -75,14 +67,12 @@ def synth(
     config = SynthConfig(samples=samples, max_tokens=max_tokens, temperature=temperature, seed=seed,
                          reject_contradictions=reject_contradictions, max_resamples=max_resamples,
                          concurrency=concurrency, store_text=not hash_only, seeded=seeded)
-    try:
+    with failing(PolicyError, SynthError):
         config.check()
         policy = load_policy(policy_path)
         prompts = load_prompts(prompts_path, policy, split=split)
         labels = load_labels(labels_path)
         table = load_expectations(expectations, policy) if expectations is not None else None
-    except (PolicyError, SynthError) as exc:
-        raise fail(str(exc)) from None
     if response_type:
         wanted = {policy_response_type(policy, rt) or rt for rt in response_type}
         prompts = [p for p in prompts if p.response_type in wanted]
@@ -95,7 +85,7 @@ def synth(
     if heads_choice != "none":
         from rbr_model.heads import Heads, HeadsError, packaged_heads_path
 
-        try:
+        with failing(HeadsError):
             if heads_choice == "auto":
                 if model is None:
                     heads = Heads.load(packaged_heads_path())
@@ -104,23 +94,17 @@ def synth(
             else:
                 heads = Heads.load(heads_choice)
                 heads.check_policy(policy)
-        except HeadsError as exc:
-            raise fail(str(exc)) from None
 
     model_path = model
     if model_path is None:
         from rbr_model import models
 
-        try:
+        with failing(models.ModelError):
             model_path = models.prepare()
-        except models.ModelError as exc:
-            raise fail(str(exc)) from None
 
-    try:
+    with failing(SynthError):
         result = asyncio.run(_run(model_path, max_model_len, rm_model, rm_url, policy, prompts, out, config,
                                   labels, table, progress, heads))
-    except SynthError as exc:
-        raise fail(str(exc)) from None
     typer.echo(
         f"{result.n_keys} completions asked ({result.n_done_before} already done): {result.n_generations} sampled, "
         f"{result.n_judgments} judgments, {result.n_accepted} accepted, {result.n_rejected} rejected, "
