@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="Use an rbr-serve that is already running instead of starting one.")
     ap.add_argument("--split", default="train", choices=["train", "all"], help="Which packaged prompts to train on.")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
-    ap.add_argument("--time-budget-min", type=float, default=None,
-                    help="Stop after this many minutes even if --max-steps is not reached (run.json says where).")
+    ap.add_argument("--time-budget-min", type=float, default=60.0,
+                    help="Stop after this many minutes of training even if --max-steps is not reached (run.json "
+                         "says at which step); 0: no limit.")
     return ap.parse_args(argv)
 
 
