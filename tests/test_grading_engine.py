@@ -227,6 +227,21 @@ class TestRemoteEngine:
             await bad.grade(prompts[:1])
         await bad.close()
 
+    def test_policy_eval_samples_from_the_endpoint(self, vllm_server):
+        """`rbr eval policy --endpoint`: n completions per prompt from an OpenAI-compatible chat endpoint."""
+        from rbr_model.policy_eval import EndpointSampler, PolicyEvalError, SampleConfig
+        from rbr_model.prompt_set import SynthPrompt
+
+        prompts = [SynthPrompt("a", "comply", ({"role": "user", "content": "Name a colour."},)),
+                   SynthPrompt("b", "comply", ({"role": "user", "content": "Name a fruit."},))]
+        config = SampleConfig(samples=2, max_tokens=8, temperature=0.7)
+        seen: list[int] = []
+        texts = EndpointSampler(vllm_server.url, SERVED_NAME, config).sample(prompts, seen.append)
+        assert [len(t) for t in texts] == [2, 2] and seen == [1, 1]
+        assert all(isinstance(t, str) and t for pair in texts for t in pair)
+        with pytest.raises(PolicyEvalError, match="HTTP 404"):  # a model the server does not serve
+            EndpointSampler(vllm_server.url, "not-served", config).sample(prompts[:1])
+
     async def test_dead_server_raises(self, vllm_server, grader_engine, prompts):
         remote = RemoteEngine(vllm_server.url, model=SERVED_NAME, tokenizer=grader_engine.tokenizer, timeout=10)
         vllm_server.stop()
