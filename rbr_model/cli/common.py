@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import typer
 
@@ -21,3 +22,20 @@ def failing(*errors: type[BaseException]) -> Iterator[None]:
         yield
     except errors as exc:
         raise fail(str(exc)) from None
+
+
+def choose_heads(policy: Any, choice: str, custom_model: bool = False) -> Any:
+    """The `--heads` option of the commands that grade in process, read as `rbr serve` reads RBR_HEADS: a heads
+    file (checked against the policy), `none`, or `auto` (the packaged heads when the policy is the packaged one
+    they were fitted for and the grader is the embedded model)."""
+    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
+
+    if choice == "none" or (choice == "auto" and custom_model):
+        return None
+    with failing(HeadsError):
+        if choice == "auto":
+            heads = Heads.load(packaged_heads_path())
+            return heads if heads.policy.get("fingerprint") == policy.fingerprint else None
+        heads = Heads.load(choice)
+        heads.check_policy(policy)
+        return heads

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import fail, failing
+from rbr_model.cli.common import choose_heads, fail, failing
 
 eval_app = typer.Typer(help="Evaluate the grader against human labels, and a policy's behaviour on held-out "
                        "prompts.", no_args_is_help=True)
@@ -495,7 +495,7 @@ def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: S
         except pe.PolicyEvalError as exc:
             raise fail(f"grading failed: {exc}", code=1) from None
 
-    heads = _heads_for(policy, heads_choice)
+    heads = choose_heads(policy, heads_choice)
     reward_model = _reward_model_for(policy, weights_path)
 
     async def in_process() -> list[Any]:
@@ -522,20 +522,6 @@ def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: S
         return asyncio.run(in_process())
     except GradingError as exc:
         raise fail(f"grading failed: {exc}", code=1) from None
-
-
-def _heads_for(policy: Any, choice: str) -> Any:
-    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
-
-    if choice == "none":
-        return None
-    with failing(HeadsError):
-        if choice == "auto":
-            heads = Heads.load(packaged_heads_path())
-            return heads if heads.policy.get("fingerprint") == policy.fingerprint else None
-        heads = Heads.load(choice)
-        heads.check_policy(policy)
-        return heads
 
 
 def _reward_model_for(policy: Any, weights_path: Path | None) -> Any:

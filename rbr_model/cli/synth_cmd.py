@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import fail, failing
+from rbr_model.cli.common import choose_heads, fail, failing
 from rbr_model.policy import PolicyError, load_policy
 from rbr_model.prompt_set import SynthError, load_expectations, load_labels, load_prompts, policy_response_type
 from rbr_model.synth import ROWS_FILE, SynthConfig, Synthesizer
@@ -81,19 +81,7 @@ def synth(
     if not prompts:
         raise fail("no prompts left to do")
 
-    heads = None
-    if heads_choice != "none":
-        from rbr_model.heads import Heads, HeadsError, packaged_heads_path
-
-        with failing(HeadsError):
-            if heads_choice == "auto":
-                if model is None:
-                    heads = Heads.load(packaged_heads_path())
-                    if heads.policy.get("fingerprint") != policy.fingerprint:
-                        heads = None
-            else:
-                heads = Heads.load(heads_choice)
-                heads.check_policy(policy)
+    heads = choose_heads(policy, heads_choice, custom_model=model is not None)
 
     model_path = model
     if model_path is None:
