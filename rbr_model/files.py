@@ -35,10 +35,11 @@ def read_jsonl(path: str | Path, error: Callable[[str], Exception] = ValueError)
     """
     path = Path(path)
     text = read_text(path, error)
+    name = str(path)
     for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is legal in JSON
-        if not line.strip():
+        if not line or line.isspace():
             continue
-        where = f"{path}:{lineno}"
+        where = f"{name}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from rbr_model.files import read_json, read_jsonl, read_text
-from rbr_model.policy import Policy
+from rbr_model.policy import SAFE_YAML_LOADER, Policy
 
 
 class SynthError(ValueError):
@@ -99,7 +99,7 @@ def policy_response_type(policy: Policy, name: str) -> str | None:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(read_text(path, SynthError))
+        return yaml.load(read_text(path, SynthError), Loader=SAFE_YAML_LOADER)  # noqa: S506 - safe
     except yaml.YAMLError as exc:
         raise SynthError(f"{path}: not valid YAML: {exc}") from None
 

@@ -338,6 +338,10 @@ GOOD = json.dumps({"prompt_id": "p", "response_type": "refuse", "completion_labe
         ('{"prompt_id": "p", "response_type": "refuse", "completion_label": "ideal"}', ":3:", "'features'"),
         (GOOD.replace('"rm_score": 0.1', '"rm_score": "high"'), ":3:", "'rm_score'"),
         (GOOD.replace('"x": 0.5', '"x": null'), ":3:", "'features.x'"),
+        # Python's json reads NaN and Infinity; the one-pass check on features must still catch them
+        (GOOD.replace('"x": 0.5', '"x": 0.5, "y": NaN'), ":3:", "'features.y'"),
+        (GOOD.replace('"x": 0.5', '"x": Infinity, "y": -Infinity'), ":3:", "'features.x'"),
+        (GOOD.replace('"x": 0.5', '"x": 0.5, "y": true'), ":3:", "'features.y'"),
         (GOOD.replace('"prompt_id": "p"', '"prompt_id": true'), ":3:", "'prompt_id'"),
         (GOOD.replace('"completion_label": "ideal"', '"completion_label": ""'), ":3:", "'completion_label'"),
         ("[1, 2]", ":3:", "JSON object"),
@@ -357,6 +361,10 @@ def test_load_rows_reads_and_normalises(tmp_path):
     rows = load_rows(f)
     assert [r["prompt_id"] for r in rows] == ["p", "7"]
     assert [r["rm_score"] for r in rows] == [0.1, 0.0]
+    # finite values whose sum overflows, and integers, are numbers all the same; a line of spaces is blank
+    big = GOOD.replace('"x": 0.5', '"x": 1e308, "y": 1e308, "z": 3')
+    f.write_text(big + "\n   \n" + GOOD + "\n")
+    assert [r["features"] for r in load_rows(f)] == [{"x": 1e308, "y": 1e308, "z": 3}, {"x": 0.5}]
     with pytest.raises(ValueError, match="cannot read"):
         load_rows(tmp_path / "missing.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -458,3 +466,18 @@ def test_cli_fit_bad_input_is_one_line_and_exit_2(tmp_path, problem):
     if problem == "malformed":
         assert ":2:" in lines[0]
     assert not (tmp_path / "w.json").exists()
+
+
+def test_cli_fit_progress_bar_only_for_slow_fits(capsys):
+    from rbr_model.cli.fit_cmd import _Bar
+
+    quick = _Bar(after_s=60.0)  # a fit that ends before the delay never shows (or imports) a bar
+    quick("comply", 3, 200)
+    assert quick.bar is None
+    slow = _Bar(after_s=0.0)
+    slow("comply", 3, 200)
+    assert slow.bar is not None and slow.bar.n == 3
+    slow("hard_refuse", 1, 200)  # a new response type starts its own bar
+    assert slow.bar.desc.startswith("fit hard_refuse") and slow.bar.n == 1
+    slow.close()
+    assert slow.bar is None and "fit comply" in capsys.readouterr().err

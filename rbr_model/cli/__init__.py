@@ -9,11 +9,13 @@ entry point group (the service adds `rbr serve`), so this library never imports 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
+
+if TYPE_CHECKING:  # newer typer carries its own copy of click: importing click itself would only cost time
+    import click
 
 from rbr_model.cli.common import fail
 
@@ -69,7 +71,7 @@ class LazyGroup(TyperGroup):
         if cmd_name in COMMANDS:
             module, attr, summary = COMMANDS[cmd_name]
             if self._listing:  # `rbr --help`: the summary is all it shows
-                return click.Command(cmd_name, help=summary, short_help=summary)
+                return TyperCommand(cmd_name, help=summary, short_help=summary)
             return _to_click(getattr(importlib.import_module(module), attr), cmd_name)
         entry = _plugins().get(cmd_name)
         if entry is None:

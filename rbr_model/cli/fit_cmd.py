@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from tqdm import tqdm
 
 from rbr_model.cli.common import fail, failing
 from rbr_model.fit import SOLVERS, HingeFitter, load_orderings, load_rows
 from rbr_model.policy import PolicyError, load_policy
 from rbr_model.reward import Weights, WeightsError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _DEFAULTS = HingeFitter()
 
@@ -34,18 +37,27 @@ def parse_label_margins(items: list[str] | None) -> dict[str, float]:
 
 
 class _Bar:
-    """One tqdm bar per response type over the solver's step budget (Newton usually stops well short)."""
+    """One tqdm bar per response type over the solver's step budget (Newton usually stops well short).
 
-    def __init__(self) -> None:
+    A bar shows only once the fit has run for `after_s`: most fits take hundredths of a second, and a bar that
+    flashes by says nothing (tqdm is not even imported then).
+    """
+
+    def __init__(self, after_s: float = 0.5) -> None:
         self.bar: tqdm | None = None
         self.rt: str | None = None
+        self.show_from = time.monotonic() + after_s
 
     def __call__(self, rt: str, done: int, budget: int) -> None:
         if rt != self.rt:
             self.close()
             self.rt = rt
+        if self.bar is None:
+            if time.monotonic() < self.show_from:
+                return
+            from tqdm import tqdm
+
             self.bar = tqdm(total=budget, desc=f"fit {rt}", unit="step", leave=False)
-        assert self.bar is not None
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:

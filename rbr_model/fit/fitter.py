@@ -230,8 +230,9 @@ class HingeFitter:
         metrics: dict[str, Any] = {
             "n_rows": int(idx.size),
             "n_unranked_rows": int((codes == len(labels)).sum()),
-            "n_train_prompts": int(np.unique(groups[~is_held]).size),
-            "n_heldout_prompts": int(np.unique(groups[is_held]).size),
+            # set(), not np.unique: that imports numpy.ma on first use (5 ms of a 0.3 s `rbr fit` process)
+            "n_train_prompts": len(set(groups[~is_held].tolist())),
+            "n_heldout_prompts": len(set(groups[is_held].tolist())),
             "n_train_pairs": int(tr.sum()),
             "n_heldout_pairs": int(ho.sum()),
             **{f"train_{k}": v for k, v in train.items()},
