@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fit import LABELS, RESPONSE_TYPE, generate  # noqa: E402
 
 ORDERINGS = Path(__file__).resolve().parents[1] / "rbr_model" / "data" / "orderings.yaml"
-RUNNER = "import sys; from rbr_model.cli import app; sys.argv[0] = 'rbr'; app()"
+# What the `rbr` script runs in each tree: `run` where it exists (it wraps `app`), `app` in older trees.
+RUNNER = "import sys, rbr_model.cli as cli; sys.argv[0] = 'rbr'; getattr(cli, 'run', cli.app)()"
 OPENAI_DRIVER = Path(__file__).resolve().parent / "openai_fitter_process.py"
 OPENAI = "OpenAI's fitter"
 

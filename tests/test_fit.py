@@ -481,3 +481,23 @@ def test_cli_fit_progress_bar_only_for_slow_fits(capsys):
     assert slow.bar.desc.startswith("fit hard_refuse") and slow.bar.n == 1
     slow.close()
     assert slow.bar is None and "fit comply" in capsys.readouterr().err
+
+
+def test_rbr_script_runs_fit_as_a_whole_process(tmp_path):
+    """The installed `rbr` entry point (not the test runner's in-process app): exit codes, output, the file."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "rbr"]
+    assert script.value == "rbr_model.cli:run"
+    _, pol, data, order = cli_files(tmp_path)
+    out = tmp_path / "w.json"
+    runner_code = "import sys; from rbr_model.cli import run; sys.argv[0] = 'rbr'; run()"
+    args = ["fit", "--data", str(data), "--orderings", str(order), "--out", str(out), "--policy", str(pol)]
+    done = subprocess.run([sys.executable, "-c", runner_code, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "held acc" in done.stdout and Weights.load(out).weights["refuse"]
+    bad = subprocess.run([sys.executable, "-c", runner_code, *args[:-2], "--policy", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

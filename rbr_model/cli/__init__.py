@@ -8,6 +8,7 @@ entry point group (the service adds `rbr serve`), so this library never imports 
 
 from __future__ import annotations
 
+import gc
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -103,3 +104,16 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Rule Based Rewards: check policies, grade with an LLM, fit weights, evaluate, serve."""
+
+
+def run() -> None:
+    """The `rbr` console script: the app, then a quick exit.
+
+    At exit CPython makes a last garbage-collection pass over every object the imports created (numpy, pydantic,
+    typer), about 20 ms of a 0.3 s `rbr fit`. The command's work is done and its files closed by then, so those
+    objects are frozen out of that pass; atexit handlers (engine and worker shutdown) still run as usual.
+    """
+    try:
+        app()
+    finally:
+        gc.freeze()
