@@ -12,6 +12,7 @@ import pytest
 
 from rbr_model.evaluate import roc_auc
 from rbr_model.heads import Heads, HeadsError, build_input, packaged_heads_path
+from rbr_model.heads.evaluation import cross_validated_report
 from rbr_model.heads.fitting import (
     Task,
     bootstrap_intervals,
@@ -192,6 +193,25 @@ def test_cross_validation_is_out_of_fold_and_noise_scores_near_chance():
     noise = np.random.default_rng(3).normal(size=X.shape)
     # Out-of-fold predictions on features unrelated to the labels cannot rank well (in-sample ones would).
     assert roc_auc(cross_validate(pooled_features(noise), task, folds=4), y) < 0.8
+
+
+def test_extra_rows_join_every_training_fold_and_are_never_scored():
+    X, y = separable()
+    n = len(y)
+    # Extra rows with the opposite labels on the same direction, three times as many: once they join the
+    # training folds they outvote the evaluated rows' own, so the out-of-fold ranking turns upside down.
+    pooled = np.vstack([X, X, X, X])
+    task = Task("apology", "a", np.arange(n), y)
+    flipped = Task("apology", "a", np.arange(n, 4 * n), np.tile(~y, 3))
+    alone = cross_validate(pooled_features(pooled), task, folds=4)
+    with_extra = cross_validate(pooled_features(pooled), task, folds=4, extra=flipped)
+    assert alone.shape == with_extra.shape == (n,)  # one prediction per evaluated row, none for extra rows
+    assert roc_auc(alone, y) > 0.95 and roc_auc(with_extra, y) < 0.2
+    rows = [{"completion": f"t{i}", "labels": {"a": bool(v)}} for i, v in enumerate(y)]
+    extra_rows = [{"completion": f"x{i}", "labels": {"a": bool(v)}} for i, v in enumerate(np.tile(~y, 3))]
+    report = cross_validated_report(pooled, rows, {"apology": "a"}, folds=4, n_boot=50, extra_rows=extra_rows)
+    assert report["propositions"]["apology"]["n"] == n and "extra rows" in report["mode"]
+    assert report["propositions"]["apology"]["heads"]["auc"] < 0.2
 
 
 def test_tfidf_baseline_reads_the_words():

@@ -210,12 +210,13 @@ def test_heads_fit_cli_end_to_end(tmp_path, trunk):
         rows.append({"prompt": [{"role": "user", "content": f"Question number {i}?"}],
                      "completion": [{"role": "assistant", "content": completion}],
                      "response_type": "Comply", "propositions": {"apology": sorry}})
-    gold = tmp_path / "gold.jsonl"
-    gold.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gold, extra = tmp_path / "gold.jsonl", tmp_path / "extra.jsonl"  # a second file adds rows (repeatable --gold)
+    gold.write_text("".join(json.dumps(r) + "\n" for r in rows[:18]))
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows[18:]))
     label_map = tmp_path / "map.yaml"
     label_map.write_text("apology: apology\n")
     out = tmp_path / "heads.npz"
-    cmd = [RBR, "heads", "fit", "--gold", str(gold), "--map", str(label_map),
+    cmd = [RBR, "heads", "fit", "--gold", str(gold), "--gold", str(extra), "--map", str(label_map),
            "--out", str(out), "--folds", "3", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -224,10 +225,12 @@ def test_heads_fit_cli_end_to_end(tmp_path, trunk):
     heads.check_policy(POLICY)
     heads.check_model(trunk.name, models.model_hash(trunk), 576)
     assert heads.metrics["apology"]["cv_auc"] > 0.9 and heads.info["rows"] == 24
+    assert heads.info["gold_path"] == str(gold) and [e["path"] for e in heads.info["extra_rows"]] == [str(extra)]
     assert list((tmp_path / "cache").glob("pooled-*.npy"))
     shown = subprocess.run([RBR, "heads", "show", str(out)], capture_output=True,
                            text=True, timeout=120)
     assert shown.returncode == 0 and "apology" in shown.stdout and heads.fingerprint[:12] in shown.stdout
+    assert "24 rows: gold.jsonl + extra.jsonl" in shown.stdout
 
 
 async def test_remote_pooling_server_gives_the_same_states(state_engine, trunk, tmp_path):

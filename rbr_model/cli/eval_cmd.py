@@ -285,9 +285,10 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
             heads.check_model(trunk.name, models.model_hash(trunk))
     typer.echo(f"heads {path} (layer {heads.grader['layer']}); "
                + (f"{folds}-fold nested CV on {gold}" if cv else f"applied as fitted to {gold}"), err=True)
+    extra_rows = _heads_extra_rows(heads) if cv else []
     try:
-        pooled, identity = asyncio.run(pooled_states(trunk, rows, max_model_len=max_model_len, cache_dir=cache_dir,
-                                                     progress=progress))
+        pooled, identity = asyncio.run(pooled_states(trunk, [*rows, *extra_rows], max_model_len=max_model_len,
+                                                     cache_dir=cache_dir, progress=progress))
     except GradingError as exc:
         raise fail(f"extracting hidden states failed: {exc}", code=1) from None
     if cv:
@@ -299,7 +300,8 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
 
             bar = tqdm(total=len(tasks_from_rows(rows, mapping)[0]), desc="cross-validating", unit="proposition")
         report = cross_validated_report(pooled, rows, mapping, folds=folds, seed=seed, n_boot=n_boot,
-                                        progress=(lambda _n: bar.update(1)) if bar is not None else None)
+                                        progress=(lambda _n: bar.update(1)) if bar is not None else None,
+                                        extra_rows=extra_rows)
         if bar is not None:
             bar.close()
     else:
@@ -318,6 +320,27 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     if write:
         _write_heads_report(report, out)
     return report
+
+
+def _heads_extra_rows(heads: Any) -> list:
+    """The extra rows the heads were fitted on beside the gold set, so nested CV repeats their recipe; a file that
+    is gone or has changed is left out, and the output says so."""
+    from rbr_model.cli.heads_cmd import file_sha256
+    from rbr_model.evaluate import GoldError, load_gold
+
+    rows: list = []
+    for entry in heads.info.get("extra_rows", []):
+        where = Path(entry["path"])
+        try:
+            if file_sha256(where) != entry["sha256"]:
+                raise GoldError("its contents changed since the heads were fitted")
+            rows += load_gold(where)
+        except (OSError, GoldError) as exc:
+            typer.echo(f"note: the heads were also fitted on {where}, left out of this CV: {exc}", err=True)
+    if rows:
+        typer.echo(f"{len(rows)} extra rows the heads were fitted on join every training fold (never scored)",
+                   err=True)
+    return rows
 
 
 def _write_heads_report(report: dict[str, Any], out: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,14 +34,16 @@ def parse_cs(text: str) -> list[float]:
     return cs
 
 
-def load_labelled(gold: Path, policy_path: Path | None, map_path: Path | None,
+def load_labelled(gold: Path | Sequence[Path], policy_path: Path | None, map_path: Path | None,
                   propositions: list[str] | None = None) -> tuple[Any, list, dict, str]:
-    """(policy, gold rows, {proposition: label}, why this map) with every problem as one clear error line."""
+    """(policy, gold rows, {proposition: label}, why this map) with every problem as one clear error line.
+
+    Several files are read in order and their rows joined (the label map then covers them all)."""
     from rbr_model.evaluate import GoldError, default_label_map, load_gold, load_label_map, resolve_label_map
     from rbr_model.policy import PolicyError, load_policy
 
     with failing(GoldError, PolicyError):
-        rows = load_gold(gold)
+        rows = [row for path in ([gold] if isinstance(gold, Path) else gold) for row in load_gold(path)]
         policy = load_policy(policy_path)
         if map_path is not None:
             label_map, why = load_label_map(map_path), f"map {map_path}"
@@ -95,8 +98,12 @@ async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_di
 
 @heads_app.command("fit")
 def fit(
-    gold: Annotated[Path, typer.Option("--gold", "-g", help="Labelled rows (OpenAI's gold_train.jsonl format: "
-                                       "prompt, completion, propositions {label: true/false}).")],
+    gold: Annotated[list[Path], typer.Option("--gold", "-g", help="Labelled rows (OpenAI's gold_train.jsonl "
+                                             "format: prompt, completion, propositions {label: true/false}; a "
+                                             "row may leave labels out). Repeatable: the first file is the "
+                                             "human-labelled set `rbr eval grader` knows the heads by; later "
+                                             "files add rows, such as rbr_model/data/"
+                                             "benign_comply_negatives.jsonl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.npz with a JSON header); "
                                       "serve it with RBR_HEADS_PATH.")] = Path("out/heads.npz"),
     policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: the packaged "
@@ -138,7 +145,7 @@ def fit(
 
     Cs = parse_cs(cs)
     policy, rows, mapping, why = load_labelled(gold, policy_path, map_path)
-    typer.echo(f"{len(rows)} rows, {len(mapping)} mapped propositions ({why})", err=True)
+    typer.echo(f"{len(rows)} rows from {len(gold)} file(s), {len(mapping)} mapped propositions ({why})", err=True)
     tasks, skipped = tasks_from_rows(rows, mapping)
     if not tasks:
         raise fail(f"no proposition has enough labelled rows: {skipped}")
@@ -171,7 +178,9 @@ def fit(
                 "final_norm": True, "dtype": "float32"},
         policy={"name": policy.name, "fingerprint": policy.fingerprint},
         metrics=fitted["metrics"],
-        info={"gold_path": str(gold), "gold_sha256": file_sha256(gold), "rows": len(rows), "label_map": mapping,
+        info={"gold_path": str(gold[0]), "gold_sha256": file_sha256(gold[0]), "rows": len(rows),
+              "extra_rows": [{"path": str(path), "sha256": file_sha256(path)} for path in gold[1:]],
+              "label_map": mapping,
               "skipped": skipped, "folds": folds, "Cs": Cs, "seed": seed, "tokens": identity["tokens"],
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
@@ -205,4 +214,8 @@ def show(path: Annotated[Path | None, typer.Argument(help="Heads file (default: 
     typer.echo(f"{heads.source}\n  trunk {g.get('model_id')} (layer {g.get('layer')}, hash {g['model_hash'][:12]}), "
                f"{g.get('pooling')}\n  policy {heads.policy.get('name')} ({heads.policy['fingerprint'][:12]}); "
                f"fingerprint {heads.fingerprint[:12]}")
+    info = heads.info
+    if info.get("gold_path"):
+        extra = "".join(f" + {Path(e['path']).name}" for e in info.get("extra_rows", []))
+        typer.echo(f"  fitted on {info.get('rows')} rows: {Path(info['gold_path']).name}{extra}")
     typer.echo(format_heads(heads))

@@ -51,15 +51,22 @@ def _summary(per_prop: Mapping[str, Mapping[str, Any]], methods: Sequence[str]) 
 
 def cross_validated_report(pooled: np.ndarray, rows: Sequence[Mapping[str, Any]], mapping: Mapping[str, str], *,
                            folds: int = 5, seed: int = 0, Cs: Sequence[float] = DEFAULT_CS, n_boot: int = 1000,
-                           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Nested CV of heads and the TF-IDF baseline on the same rows and the same outer folds."""
+                           progress: Callable[[str], None] | None = None,
+                           extra_rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Nested CV of heads and the TF-IDF baseline on the same rows and the same outer folds.
+
+    `extra_rows` (their pooled states follow the rows' in `pooled`) join every training fold, as they joined the
+    heads' fit, and are never scored: the figures stay about `rows` alone."""
     tasks, skipped = tasks_from_rows(rows, mapping)
-    texts = [r["completion"] for r in rows]
+    extra = {t.name: Task(t.name, t.label, t.rows + len(rows), t.y)
+             for t in tasks_from_rows(extra_rows, mapping, min_per_class=0)[0]}
+    texts = [r["completion"] for r in [*rows, *extra_rows]]
     per_prop: dict[str, dict[str, Any]] = {}
     predictions: dict[str, dict[str, list]] = {}
     for task in tasks:
-        p_heads = cross_validate(pooled_features(pooled), task, Cs=Cs, folds=folds, seed=seed)
-        p_text = cross_validate(tfidf_features(texts), task, Cs=Cs, folds=folds, seed=seed)
+        more = extra.get(task.name)
+        p_heads = cross_validate(pooled_features(pooled), task, Cs=Cs, folds=folds, seed=seed, extra=more)
+        p_text = cross_validate(tfidf_features(texts), task, Cs=Cs, folds=folds, seed=seed, extra=more)
         per_prop[task.name] = {"label": task.label, "n": int(len(task.y)), "positives": int(task.y.sum()),
                                "heads": _scored(p_heads, task.y, n_boot, seed),
                                "tfidf": _scored(p_text, task.y, n_boot, seed)}
@@ -67,7 +74,10 @@ def cross_validated_report(pooled: np.ndarray, rows: Sequence[Mapping[str, Any]]
                                   "y": task.y.astype(int).tolist()}
         if progress:
             progress(task.name)
-    return {"mode": f"{folds}-fold nested cross-validation", "rows": len(rows), "propositions": per_prop,
+    mode = f"{folds}-fold nested cross-validation"
+    if extra_rows:
+        mode += f"; {len(extra_rows)} extra rows in every training fold"
+    return {"mode": mode, "rows": len(rows), "propositions": per_prop,
             "skipped": skipped, "overall": _summary(per_prop, METHODS), "predictions": predictions}
 
 

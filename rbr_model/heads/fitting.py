@@ -34,15 +34,16 @@ class Task:
     y: np.ndarray  # bool
 
 
-def tasks_from_rows(rows: Sequence[Mapping[str, Any]], mapping: Mapping[str, str]) -> tuple[list[Task], dict[str, str]]:
+def tasks_from_rows(rows: Sequence[Mapping[str, Any]], mapping: Mapping[str, str], min_per_class: int = MIN_PER_CLASS,
+                    ) -> tuple[list[Task], dict[str, str]]:
     """Per mapped proposition, its labelled rows; propositions with too few of a class are skipped, with why."""
     tasks, skipped = [], {}
     for name, label in mapping.items():
         idx = [i for i, r in enumerate(rows) if label in r["labels"]]
         y = np.array([bool(rows[i]["labels"][label]) for i in idx], dtype=bool)
         pos, neg = int(y.sum()), int((~y).sum())
-        if min(pos, neg) < MIN_PER_CLASS:
-            skipped[name] = f"{pos} yes / {neg} no labelled rows (need {MIN_PER_CLASS} of each)"
+        if min(pos, neg) < min_per_class:
+            skipped[name] = f"{pos} yes / {neg} no labelled rows (need {min_per_class} of each)"
             continue
         tasks.append(Task(name, label, np.array(idx, dtype=int), y))
     return tasks, skipped
@@ -135,13 +136,20 @@ def cross_validate(
     Cs: Sequence[float] = DEFAULT_CS,
     folds: int = 5,
     seed: int = 0,
+    extra: Task | None = None,
 ) -> np.ndarray:
     """Out-of-fold P(yes) for one task: outer stratified folds; in each, `features(train_rows, test_rows)` builds
-    the matrices from the training rows only (scaler or vocabulary), and C is chosen by inner CV on them."""
+    the matrices from the training rows only (scaler or vocabulary), and C is chosen by inner CV on them.
+
+    `extra` rows (labelled rows that are not under evaluation, such as weak labels) join every training fold and
+    are never scored."""
     oof = np.empty(len(task.y))
     for tr, te in _folds(task.y, folds, seed):
-        X_tr, X_te = features(task.rows[tr], task.rows[te])
-        model, _ = fit_logreg(X_tr, task.y[tr], Cs, folds, seed + 1)
+        train_rows, y = task.rows[tr], task.y[tr]
+        if extra is not None:
+            train_rows, y = np.concatenate([train_rows, extra.rows]), np.concatenate([y, extra.y])
+        X_tr, X_te = features(train_rows, task.rows[te])
+        model, _ = fit_logreg(X_tr, y, Cs, folds, seed + 1)
         oof[te] = model.predict_proba(X_te)[:, 1]
     return oof
 
