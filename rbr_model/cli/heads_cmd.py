@@ -103,7 +103,7 @@ def fit(
                                              "row may leave labels out). Repeatable: the first file is the "
                                              "human-labelled set `rbr eval grader` knows the heads by; later "
                                              "files add rows, such as rbr_model/data/"
-                                             "benign_comply_negatives.jsonl.")],
+                                             "weak_disallowed_rows.jsonl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.npz with a JSON header); "
                                       "serve it with RBR_HEADS_PATH.")] = Path("out/heads.npz"),
     policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: the packaged "
