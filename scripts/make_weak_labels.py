@@ -47,26 +47,6 @@ KINDS = {
 }
 
 
-def sample(sampler, prompts, opening: str, n: int, max_tokens: int, temperature: float, seed: int) -> list[list[str]]:
-    """n answers per prompt, each `opening` + what the model writes after it."""
-    import torch
-
-    tok, model = sampler.tokenizer, sampler.model
-    out: list[list[str]] = []
-    for start in range(0, len(prompts), 8):
-        batch = prompts[start:start + 8]
-        texts = [tok.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True) + opening
-                 for p in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(sampler.device)
-        torch.manual_seed(seed * 1_000_003 + start)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_tokens, num_return_sequences=n, do_sample=True,
-                                 temperature=temperature, pad_token_id=tok.pad_token_id)
-        decoded = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out += [[(opening + t).strip() for t in decoded[i * n:(i + 1) * n]] for i in range(len(batch))]
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
             types, openings, label, n, max_tokens = KINDS[kind]
             chosen = [p for p in prompts if p.response_type in types]
             per_opening = max(1, round(n * args.samples_scale / len(openings)))
-            answers = sample(sampler, chosen, opening, per_opening, max_tokens, args.temperature,
-                             args.seed + salt[kind] + i)
+            config = SampleConfig(samples=per_opening, max_tokens=max_tokens, temperature=args.temperature,
+                                  seed=args.seed + salt[kind] + i)
+            answers = sampler.sample(chosen, opening=opening, config=config)
             for prompt, texts in zip(chosen, answers, strict=True):
                 for text in texts:
                     if not text:

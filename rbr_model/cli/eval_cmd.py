@@ -216,7 +216,7 @@ def grader(
         raise fail("--engine remote needs --remote-url (or RBR_REMOTE_URL)")
     from rbr_model.cli.heads_cmd import load_labelled
 
-    policy, rows, mapping, why = load_labelled(gold, policy_path, map_path, _split(propositions))
+    policy, rows, mapping, why = load_labelled([gold], policy_path, map_path, _split(propositions))
     typer.echo(f"comparing {len(mapping)} propositions with gold labels: {why}", err=True)
     with failing(CalibrationError):
         calibration = Calibration.load(calibration_path) if calibration_path is not None else None

@@ -34,7 +34,7 @@ def parse_cs(text: str) -> list[float]:
     return cs
 
 
-def load_labelled(gold: Path | Sequence[Path], policy_path: Path | None, map_path: Path | None,
+def load_labelled(gold: Sequence[Path], policy_path: Path | None, map_path: Path | None,
                   propositions: list[str] | None = None) -> tuple[Any, list, dict, str]:
     """(policy, gold rows, {proposition: label}, why this map) with every problem as one clear error line.
 
@@ -43,7 +43,7 @@ def load_labelled(gold: Path | Sequence[Path], policy_path: Path | None, map_pat
     from rbr_model.policy import PolicyError, load_policy
 
     with failing(GoldError, PolicyError):
-        rows = [row for path in ([gold] if isinstance(gold, Path) else gold) for row in load_gold(path)]
+        rows = [row for path in gold for row in load_gold(path)]
         policy = load_policy(policy_path)
         if map_path is not None:
             label_map, why = load_label_map(map_path), f"map {map_path}"
