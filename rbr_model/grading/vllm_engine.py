@@ -61,6 +61,7 @@ def cpu_engine_env() -> None:
     vLLM reserves one core for its scheduler by default, which halves the compute threads on 2 cores; letting the
     worker use every core gives it both (the scheduler is mostly idle while the worker computes).
     The KV cache size default fails vLLM's memory check on small machines, so 1 GiB unless set.
+    No torch.compile unless asked (TORCHDYNAMO_DISABLE=0): see below.
     """
     if _on_gpu():
         return
@@ -68,6 +69,10 @@ def cpu_engine_env() -> None:
     if 0 < len(cpus) <= 4:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM wraps a few sampler helpers in torch.compile even with enforce_eager; on the CPU, Inductor then needs
+    # g++, Python headers and an executable /tmp at the first logprobs request, which slim images and hardened
+    # containers lack. Eager runs them as fast (benchmarks/RESULTS.md) with the same results; =0 compiles again.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 class AsyncLLMOwner:
