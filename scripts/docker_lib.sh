@@ -35,8 +35,8 @@ ensure_docker_engine() {
   [ "$(id -u)" = 0 ] || die "no Docker engine answers, and starting one needs root"
   say "starting dockerd (no bridge, no iptables; log in /tmp/rbr-dockerd.log)"
   nohup dockerd --bridge=none --iptables=false --ip-forward=false --ip-masq=false >/tmp/rbr-dockerd.log 2>&1 &
-  local i
-  for i in $(seq 1 60); do
+  local _
+  for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && return 0
     sleep 1
   done
