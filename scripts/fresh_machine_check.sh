@@ -51,10 +51,18 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 
 # Mounts and environment for pip, as this machine has them.
+# The CA file goes to a path of its own: mounted over /etc/ssl/certs, it would break Debian's ca-certificates.
 PIP_ENV=()
-while IFS= read -r kv; do PIP_ENV+=(-e "$kv"); done < <(pip_settings)
 PIP_MOUNTS=()
-while IFS= read -r path; do PIP_MOUNTS+=(-v "$path:$path:ro"); done < <(pip_local_paths)
+while IFS= read -r kv; do
+  case "$kv" in
+    PIP_CERT=*) PIP_MOUNTS+=(-v "${kv#PIP_CERT=}:/run/rbr-host-ca.pem:ro"); PIP_ENV+=(-e PIP_CERT=/run/rbr-host-ca.pem) ;;
+    *) PIP_ENV+=(-e "$kv") ;;
+  esac
+done < <(pip_settings)
+while IFS= read -r path; do
+  case "$path" in *.pem | *.crt) ;; *) PIP_MOUNTS+=(-v "$path:$path:ro") ;; esac
+done < <(pip_local_paths)
 SHARED_MOUNT=()
 [ -d "$SHARED" ] && SHARED_MOUNT=(-v "$SHARED:/src/shared:ro")
 
