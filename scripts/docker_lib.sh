@@ -81,6 +81,7 @@ free_port() {
 
 # This machine's pip settings (index, extra index, find-links, CA), as `KEY=value` lines: what a build or a
 # container needs to install the same packages (users behind a private mirror, or this machine's wheel folder).
+# Local folder indexes (file://) are left out.
 pip_settings() {
   local py=${PYTHON:-python3}
   "$py" - <<'PY'
@@ -100,8 +101,15 @@ for line in out.splitlines():
 for env in keys.values():
     if os.environ.get(env):
         found[env] = os.environ[env]
+# Indexes that are folders of this machine (file://) point at files elsewhere on its disk: a container does not
+# get them, and reaches the same packages through the network indexes.
+for env in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+    if env in found:
+        kept = [u for u in found[env].split() if not u.startswith("file:")]
+        found[env] = " ".join(kept)
 for env, value in found.items():
-    print(f"{env}={value}")
+    if value:
+        print(f"{env}={value}")
 PY
 }
 
