@@ -80,6 +80,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def ca_pem(cert_file: str | None) -> str:
     """The CA certificates a build must trust: the whole file when small, else Debian's local additions
     (/usr/local/share/ca-certificates, which update-ca-certificates appends to the system bundle)."""
@@ -97,8 +108,9 @@ class WheelServers:
     def __init__(self, folders: list[str]):
         self.procs: list[subprocess.Popen] = []
         self.urls: list[str] = []
-        for folder in folders:
-            port = free_port()
+        for i, folder in enumerate(folders):
+            # The same port each run where it is free: the URL is a build argument, part of the build cache key.
+            port = 38470 + i if port_free(38470 + i) else free_port()
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", folder, str(port)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
