@@ -1,9 +1,10 @@
 """docker-compose up for real, on one machine with the host's network only; run by scripts/compose_check.sh.
 
 Starts the project's docker-compose.yml (rbr-serve, Redis, Prometheus; Grafana has no Debian package to stand in
-for it) with an override that puts every container on the host's network at free loopback ports and, where no
-image registry answers, uses the Debian stand-ins of scripts/docker_lib.sh. The compose file's own commands,
-mounts, health checks and hardening run unchanged; the override only adds ports and swaps images. Then checks
+for it) with every container on the host's network at free loopback ports and, where no image registry answers,
+the Debian stand-ins of scripts/docker_lib.sh. The compose file's own commands, mounts, health checks, restart
+policies and hardening run unchanged: the derived file (written beside the logs) drops published ports, sets
+`network_mode: host`, adds each server's port and the build's pip arguments, and swaps images. Then checks
 what a user relies on and prints one line per check. Needs Debian's python3 (PyYAML comes with docker-compose).
 """
 
@@ -162,7 +163,7 @@ def prometheus_config(into: Path, service_port: int, prometheus_port: int) -> No
 
 
 def override(ports: dict[str, int], prom_dir: Path, args: dict[str, str], stand_ins: bool) -> dict:
-    """The compose override: host network, loopback ports, stand-in images; nothing else changes."""
+    """What changes per service: loopback ports, the build's pip arguments, stand-in images; nothing else."""
     base = yaml.safe_load(COMPOSE.read_text())["services"]
     redis_cmd = list(base["redis"]["command"]) + ["--port", str(ports["redis"]), "--bind", "127.0.0.1"]
     prom_cmd = list(base["prometheus"]["command"]) + [f"--web.listen-address=127.0.0.1:{ports['prometheus']}"]
@@ -185,9 +186,24 @@ def override(ports: dict[str, int], prom_dir: Path, args: dict[str, str], stand_
     return {"services": services}
 
 
+def host_network_compose(changes: dict) -> dict:
+    """docker-compose.yml with `changes` laid over it, and no published ports (Docker refuses port bindings on the
+    host network, and docker-compose v1 merges `ports` of an override instead of replacing them)."""
+    doc = yaml.safe_load(COMPOSE.read_text())
+    for name, svc in doc["services"].items():
+        svc.pop("ports", None)
+        svc["network_mode"] = "host"
+        for key, value in changes["services"].get(name, {}).items():
+            if key == "environment":
+                svc["environment"] = {**svc.get("environment", {}), **value}
+            else:
+                svc[key] = value
+    return {k: v for k, v in doc.items() if not k.startswith("x-")}
+
+
 class Compose:
     def __init__(self, project: str, files: list[Path]):
-        self.cmd = ["docker-compose", "-p", project]
+        self.cmd = ["docker-compose", "-p", project, "--project-directory", str(ROOT)]
         for f in files:
             self.cmd += ["-f", str(f)]
         self.project = project
@@ -290,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     folders = [f for f in pip.get("PIP_FIND_LINKS", "").split() if f.startswith("/") and os.path.isdir(f)]
     wheels = WheelServers(folders)
     prometheus_config(work / "prometheus", ports["rbr-serve"], ports["prometheus"])
-    override_file = work / "docker-compose.hostnet.json"
-    override_file.write_text(json.dumps(override(ports, work / "prometheus", build_args(pip, wheels.urls),
-                                                 opts.stand_ins), indent=2))
-    compose = Compose(project, [COMPOSE, override_file])
+    compose_file = work / "docker-compose.hostnet.json"
+    changes = override(ports, work / "prometheus", build_args(pip, wheels.urls), opts.stand_ins)
+    compose_file.write_text(json.dumps(host_network_compose(changes), indent=2))
+    compose = Compose(project, [compose_file])
     api = f"http://127.0.0.1:{ports['rbr-serve']}"
     prom = f"http://127.0.0.1:{ports['prometheus']}"
     print(f"[compose-check] project {project}; service :{ports['rbr-serve']}, redis :{ports['redis']}, "
@@ -327,8 +343,8 @@ def run_checks(compose: Compose, checks: Check, api: str, prom: str, ports: dict
         return
     t = time.monotonic()
     up = compose.run("up", "-d", *SERVICES, timeout=600)
-    if not checks.record("up", up.returncode == 0, f"docker-compose up -d exit {up.returncode} "
-                         f"{up.stderr.strip()[-300:] if up.returncode else ''}".strip(), t):
+    if not checks.record("up", up.returncode == 0, f"docker-compose up -d exit {up.returncode}", t):
+        print(up.stderr[-3000:])
         return
     service = compose.container("rbr-serve")
     t = time.monotonic()
