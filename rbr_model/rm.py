@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rbr_model.aio import gather_or_cancel
+from rbr_model.lifecycle import AsyncLLMOwner, EngineLifecycle, HTTPClientOwner
 
 Message = Mapping[str, str]
 
@@ -42,7 +43,13 @@ RM_KINDS = ("none", "vllm", "remote")
 
 
 class RMError(RuntimeError):
-    """The reward model could not score a request (engine down, closed, bad input, bad response)."""
+    """The reward model could not score a request (engine down, closed, bad input, bad response).
+
+    `retryable`: the same request may succeed later (as `GradingError`'s)."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 # ---- shared rendering and scoring rule --------------------------------------------------------------------
@@ -88,28 +95,22 @@ def _check_batch(conversations: Sequence[Sequence[Message]], completions: Sequen
 # ---- interface --------------------------------------------------------------------------------------------
 
 
-class RMEngine(ABC):
-    """Scores (conversation, completion) pairs with a reward model."""
+class RMEngine(EngineLifecycle, ABC):
+    """Scores (conversation, completion) pairs with a reward model. Start, health, gone and close:
+    `EngineLifecycle`."""
 
+    engine_name = "the reward model engine"
     model_id: str
 
     @abstractmethod
     async def score(self, conversations: Sequence[list[dict[str, str]]], completions: Sequence[str]) -> list[float]:
         """One score per pair, in order. Raises `RMError` when any pair cannot be scored."""
 
-    @abstractmethod
-    async def health(self) -> bool:
-        """True when the engine can answer now."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Release the engine; later calls to `score` raise `RMError`. Safe to call twice."""
-
 
 # ---- in-process vLLM --------------------------------------------------------------------------------------
 
 
-class VLLMRMEngine(RMEngine):
+class VLLMRMEngine(AsyncLLMOwner, RMEngine):
     """A reward (sequence-classification) model in this process, on vLLM's pooling runner.
 
     The engine is built in `__init__` (blocking, minutes on a CPU: call it through `asyncio.to_thread` from async
@@ -119,6 +120,9 @@ class VLLMRMEngine(RMEngine):
     Stats logging is off by default (`disable_log_stats=True`): vLLM's Prometheus logger unregisters every
     `vllm:` collector when it starts, which would wipe the grader engine's series in the same process.
     """
+
+    engine_name = "the reward model engine"
+    error_type = RMError
 
     def __init__(
         self,
@@ -157,14 +161,14 @@ class VLLMRMEngine(RMEngine):
             **({"served_model_name": [served_model_name]} if served_model_name else {}),
             **engine_kwargs,
         )
-        self._engine: Any = None
+        self._llm: Any = None
         try:
-            self._engine = AsyncLLM.from_engine_args(args)
+            self._llm = AsyncLLM.from_engine_args(args)
         except Exception as exc:
             raise RMError(f"cannot start the reward model engine for {self.model_path}: {exc}") from exc
-        self._tokenizer = self._engine.get_tokenizer()
+        self._tokenizer = self._llm.get_tokenizer()
         if not getattr(self._tokenizer, "chat_template", None):
-            self._engine.shutdown()
+            self._llm.shutdown()
             raise RMError(f"{self.model_path}: the tokenizer has no chat template to render conversations with")
         self._closed = False
         self._checked = False
@@ -181,7 +185,7 @@ class VLLMRMEngine(RMEngine):
     async def _check_task(self) -> None:
         if self._checked:
             return
-        tasks = await self._engine.get_supported_tasks()
+        tasks = await self._llm.get_supported_tasks()
         if "classify" not in tasks:
             raise RMError(f"{self.model_path} is not a classification model (vLLM supports {list(tasks)})")
         self._checked = True
@@ -191,7 +195,7 @@ class VLLMRMEngine(RMEngine):
 
         params = PoolingParams(task="classify", use_activation=False)
         final = None
-        async for out in self._engine.encode(engine_input, params, f"rm-{next(self._ids)}"):
+        async for out in self._llm.encode(engine_input, params, f"rm-{next(self._ids)}"):
             final = out
         if final is None:
             raise RMError("the reward model engine returned nothing")
@@ -201,8 +205,7 @@ class VLLMRMEngine(RMEngine):
         return score_from_logits(data.reshape(-1).tolist())
 
     async def score(self, conversations: Sequence[list[dict[str, str]]], completions: Sequence[str]) -> list[float]:
-        if self._closed:
-            raise RMError("the reward model engine is closed")
+        self._check_open()
         _check_batch(conversations, completions)
         if not completions:
             return []
@@ -216,38 +219,19 @@ class VLLMRMEngine(RMEngine):
                 if len(ids) > self.max_model_len:
                     raise RMError(f"item {i}: {len(ids)} tokens is over max_model_len={self.max_model_len}")
             # vLLM's renderer turns token ids into engine inputs (raw prompts to `encode` are deprecated).
-            inputs = await self._engine.renderer.render_cmpl_async([{"prompt_token_ids": ids} for ids in rendered])
+            inputs = await self._llm.renderer.render_cmpl_async([{"prompt_token_ids": ids} for ids in rendered])
             # One gather: every pair is in flight at once and vLLM's scheduler batches them.
             return await gather_or_cancel([self._score_one(x) for x in inputs])
         except (RMError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            raise RMError(f"reward model engine error: {type(exc).__name__}: {exc}") from exc
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            await self._engine.check_health()
-        except Exception:  # noqa: BLE001 - health answers a yes/no
-            return False
-        return not self._engine.errored
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        engine, self._engine = self._engine, None
-        await asyncio.to_thread(engine.shutdown)
-        # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails noisily when it only runs
-        # at interpreter exit.
-        del engine
+            raise self._failure(exc) from exc
 
 
 # ---- remote vLLM server -----------------------------------------------------------------------------------
 
 
-class RemoteRMEngine(RMEngine):
+class RemoteRMEngine(HTTPClientOwner, RMEngine):
     """A reward model on a vLLM server started with `--runner pooling`, through `POST {base_url}/classify`.
 
     Each pair is one chat-form request (`messages`: the conversation plus the completion as the assistant's
@@ -279,6 +263,7 @@ class RemoteRMEngine(RMEngine):
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
             transport=transport,
         )
+        self._owns_client = True  # made here; a caller's transport is only the client's way out
         self._slots = asyncio.Semaphore(max_concurrency)
         self._closed = False
 
@@ -313,21 +298,6 @@ class RemoteRMEngine(RMEngine):
             raise RMError("the reward model engine is closed")
         _check_batch(conversations, completions)
         return await gather_or_cancel([self._score_one(c, r) for c, r in zip(conversations, completions, strict=True)])
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            resp = await self._client.get("/health")
-        except Exception:  # noqa: BLE001 - health answers a yes/no
-            return False
-        return resp.status_code == 200
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._client.aclose()
 
 
 # ---- factory ----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ never imports the service.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -45,19 +44,18 @@ def serve(
     except ValidationError as exc:
         raise fail(f"invalid settings: {settings_problems(exc)}") from None
 
-    # Policy, weights and heads are checked here too, so a bad file is one line naming it, not a traceback.
+    # Policy, weights, heads and their trunk are checked here too, so a bad file is one line naming it, not a
+    # traceback or a 503 later.
     from rbr_model import models
     from rbr_model.heads import HeadsError
     from rbr_model.policy import PolicyError
     from rbr_model.reward import WeightsError
-    from service.state import load_heads, load_reward_model
+    from rbr_model.stack import check_heads
+    from service.state import load_reward_model
 
     try:
         model = load_reward_model(settings.policy_path, settings.weights_path)
-        heads = load_heads(settings, model.policy)
-        if heads is not None:  # the trunk the heads will run on (prepared once, like the model)
-            trunk = settings.heads_trunk or str(models.prepare_trunk(int(heads.grader["layer"])))
-            heads.check_model(Path(trunk).name, models.model_hash(trunk))
+        check_heads(settings.stack(), model.policy)
     except (HeadsError, PolicyError, WeightsError, models.ModelError) as exc:
         raise fail(str(exc)) from None
 

@@ -32,11 +32,12 @@ log = logging.getLogger("rbr.scoring")
 
 @dataclass(frozen=True)
 class ServingState:
-    """What one request scores against (reward model, its policy, the grader): replaced as a whole on reload, so
-    a request that started on one state finishes on it."""
+    """What one request scores against (reward model, its policy, the grader, the RM engine of the grading stack):
+    replaced as a whole on reload, so a request that started on one state finishes on it."""
 
     model: RewardModel
     grader: Grader
+    rm_engine: RMEngine | None = None  # held by the grading stack with the other engines; here to score with
     generation: int = 1
 
     @property
@@ -109,10 +110,10 @@ class Pipeline:
     """Scores items against a `ServingState`: cache lookup, grading of the misses under `Admission`, features,
     reward, cache store. Shared by every route and request; per-request data stays in the call."""
 
-    def __init__(self, cache: FeatureCache, metrics: Metrics, admission: Admission, rm_engine: RMEngine | None = None,
+    def __init__(self, cache: FeatureCache, metrics: Metrics, admission: Admission,
                  default_rm_score: float | None = None):
         self.cache, self.metrics, self.admission = cache, metrics, admission
-        self.rm_engine, self.default_rm_score = rm_engine, default_rm_score
+        self.default_rm_score = default_rm_score
 
     @contextmanager
     def _stage(self, name: str):
@@ -125,7 +126,7 @@ class Pipeline:
     async def score(self, state: ServingState, items: Sequence[ScoreItem],
                     with_features: bool = False, field: str = "items") -> list[ScoreResult]:
         """`field` names the request's list of items in errors (`query` for OpenRLHF)."""
-        rm_scores = await self._rm_scores(items)
+        rm_scores = await self._rm_scores(state, items)
         graded = [i for i, item in enumerate(items) if item.response_type is not None]
         probs, cached = await self._probabilities(state, [items[i] for i in graded], field)
         # One matrix product per response type, not one per item: the cached path is mostly this loop.
@@ -170,9 +171,9 @@ class Pipeline:
                 histogram.observe(reward)
             self.metrics.items.labels(label).inc(len(rewards))
 
-    def check_rm_available(self, items: Sequence[ScoreItem], field_prefix: str = "items") -> None:
+    def check_rm_available(self, state: ServingState, items: Sequence[ScoreItem], field_prefix: str = "items") -> None:
         """Fail fast (422) before any grading when an item has no way to get an RM score."""
-        if self.rm_engine is not None or self.default_rm_score is not None:
+        if state.rm_engine is not None or self.default_rm_score is not None:
             return
         for i, item in enumerate(items):
             if item.rm_score is None:
@@ -180,14 +181,14 @@ class Pipeline:
                     f"{field_prefix}[{i}].rm_score: required (no RM engine or default RM score is configured)",
                     field=f"{field_prefix}[{i}].rm_score")
 
-    async def _rm_scores(self, items: Sequence[ScoreItem]) -> list[float]:
-        self.check_rm_available(items)
+    async def _rm_scores(self, state: ServingState, items: Sequence[ScoreItem]) -> list[float]:
+        self.check_rm_available(state, items)
         out = [item.rm_score for item in items]
         missing = [i for i, v in enumerate(out) if v is None]
-        if missing and self.rm_engine is not None:
+        if missing and state.rm_engine is not None:
             with self._stage("rm"):
                 try:
-                    scores = await self.rm_engine.score(
+                    scores = await state.rm_engine.score(
                         [items[i].conversation for i in missing], [items[i].completion for i in missing])
                 except asyncio.CancelledError:
                     raise

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from rbr_model.stack import StackSettings
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RBR_", env_file=None, extra="ignore")
@@ -58,6 +60,11 @@ class Settings(BaseSettings):
     heads_url: str | None = Field(
         None, description="Base URL of a vLLM server running the trunk with --runner pooling (engine=remote).",
     )
+    heads_gpu_memory_utilization: float = Field(
+        0.05, gt=0, le=1,
+        description="Fraction of GPU memory the heads' trunk engine may use (in process, GPU only). vLLM counts "
+        "each engine's fraction of the whole card, so the in-process engines' fractions must sum to at most 1.",
+    )
     grader_layout: Literal["proposition_first", "conversation_first"] = Field(
         "proposition_first",
         description="Which part of a grading prompt comes first and is shared through the prefix cache: the "
@@ -75,7 +82,8 @@ class Settings(BaseSettings):
     rm_gpu_memory_utilization: float = Field(
         0.1, gt=0, le=1,
         description="Fraction of GPU memory the in-process RM's vLLM may use (rm_engine=vllm, GPU only). vLLM "
-        "counts each engine's fraction of the whole card, so it and gpu_memory_utilization must sum to at most 1.",
+        "counts each engine's fraction of the whole card, so the in-process engines' fractions must sum to at "
+        "most 1.",
     )
     default_rm_score: float | None = Field(
         None, description="rm_score used when a request omits it and no RM engine is set; unset: 422."
@@ -102,13 +110,17 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, description="Retry-After seconds sent with 429.")
 
     @model_validator(mode="after")
-    def _engines_share_the_gpu(self) -> Settings:
-        if self.rm_engine == "vllm" and self.gpu_memory_utilization + self.rm_gpu_memory_utilization > 1:
-            raise ValueError(
-                f"RBR_GPU_MEMORY_UTILIZATION ({self.gpu_memory_utilization}) + RBR_RM_GPU_MEMORY_UTILIZATION "
-                f"({self.rm_gpu_memory_utilization}) exceed 1: with RBR_RM_ENGINE=vllm both engines share one GPU"
-            )
+    def _engines_can_start(self) -> Settings:
+        """Engine settings that cannot work (a remote engine without its URL, GPU fractions over 1) fail here, at
+        `rbr serve`, rather than as a 503 once the engines start."""
+        problems = self.stack().problems(lambda name: f"RBR_{name.upper()}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def stack(self) -> StackSettings:
+        """The grading stack's settings (`rbr_model.stack`): engines, heads, grader, RM."""
+        return StackSettings.from_values(_Revealed(self))
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -116,3 +128,14 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+
+class _Revealed:
+    """The settings with their secrets readable, for the builder only (never logged)."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._settings, name)
+        return value.get_secret_value() if isinstance(value, SecretStr) else value

@@ -1,9 +1,10 @@
-"""Start-up wiring: the builders (engines, heads, grader, RM, cache), the one typed state the routes read, its
-lifecycle, and the readiness and liveness checks.
+"""Start-up wiring: the grading stack (every engine, built by `rbr_model.stack`), the cache and pipeline, the one
+typed state the routes read, its lifecycle, and the readiness and liveness checks.
 
 The app factory and the routes both import from here and nothing here imports them, so there is no cycle. The
-engine warms up in the background, so `/healthz` answers at once and `/readyz` turns 200 only when the engine,
-policy and weights are ready (Kubernetes readiness semantics).
+engines warm up in the background, so `/healthz` answers at once and `/readyz` turns 200 only when the engines,
+policy and weights are ready (Kubernetes readiness semantics). Both probes read the engines' health through the
+one `GradingStack` that holds them all.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rbr_model.grading.engine import Engine
-from rbr_model.policy import Policy, load_policy
+from rbr_model.policy import load_policy
 from rbr_model.reward import RewardModel, Weights, default_weights_path
+from rbr_model.stack import GradingStack, build_stack, choose_heads
 from service.cache import FeatureCache, build_cache
 from service.errors import ApiError, EngineUnavailable, NotReady
 from service.metrics import Metrics
@@ -28,9 +29,8 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from rbr_model.grading.grader import Grader
+    from rbr_model.grading.engine import Engine
     from rbr_model.grading.states import StateEngine
-    from rbr_model.heads import Heads
     from rbr_model.rm import RMEngine
 
 log = logging.getLogger("rbr.app")
@@ -50,11 +50,10 @@ class AppState:
     admin_key: str | None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pipeline: Pipeline | None = None  # from the lifespan's start
-    engine: Engine | None = None  # once built (in the background)
-    state_engine: StateEngine | None = None  # the heads' trunk, when heads are served
+    stack: GradingStack | None = None  # every engine (grader, heads' trunk, RM), once built (in the background)
     serving: ServingState | None = None  # once warm; replaced as a whole by a reload
     ready: bool = False
-    engine_error: str | None = None  # why the engine failed to start
+    engine_error: str | None = None  # why the engines failed to start
     engine_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -79,31 +78,32 @@ def not_serving(state: AppState) -> ApiError | None:
 
 
 async def readiness(state: AppState) -> ApiError | None:
-    """`not_serving`, then the engines' health checks (through the grader): None when ready to take work."""
+    """`not_serving`, then every engine's health check: None when ready to take work, else which engine is down."""
     problem = not_serving(state)
-    if problem is not None or state.serving is None:
+    if problem is not None or state.stack is None:
         return problem
-    unhealthy = await state.serving.grader.unhealthy()
+    unhealthy = await state.stack.unhealthy()
     state.metrics.engine_up.set(0 if unhealthy else 1)
-    return EngineUnavailable(f"the {unhealthy} does not answer health checks") if unhealthy else None
+    return EngineUnavailable(f"{_names(unhealthy)} does not answer health checks") if unhealthy else None
 
 
-async def engine_gone(state: AppState) -> str | None:
-    """Why the grader engine will never serve again in this process, or None.
+async def engines_gone(state: AppState) -> str | None:
+    """Why this process will never serve again, or None (liveness: only a restart helps).
 
-    That is when it failed to start, or when an in-process vLLM engine fails its health check: vLLM's engine core
-    does not come back once it has died, so only a restart of the process helps. A remote engine that stops
-    answering may come back by itself: that is a readiness problem, not a liveness one.
+    That is when the engines failed to start, or when any in-process engine (grader, heads' trunk, RM) has died:
+    vLLM's engine core does not come back once it has died. A remote engine that stops answering may come back
+    by itself: that is a readiness problem, not a liveness one.
     """
     if state.engine_error:
-        return f"grader engine failed to start: {state.engine_error}"
-    engine = state.engine
-    if engine is None:
+        return f"the engines failed to start: {state.engine_error}"
+    if state.stack is None:
         return None  # still starting
-    dead = getattr(engine, "dead", None)  # engines that can tell a permanent failure themselves
-    if not isinstance(dead, bool):
-        dead = state.settings.engine == "vllm" and not await engine.health()
-    return "the in-process grader engine has died; restart the process" if dead else None
+    gone = await state.stack.gone()
+    return f"{_names(gone)} has died; restart the process" if gone else None
+
+
+def _names(engines: list[str]) -> str:
+    return " and ".join(engines)
 
 
 # ---- builders ----------------------------------------------------------------------------------------------------
@@ -113,104 +113,9 @@ def load_reward_model(policy_path: str | None, weights_path: str | None) -> Rewa
     return RewardModel(policy, weights)
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The grader engine the settings ask for (imported lazily: vLLM is heavy)."""
-    from rbr_model.models import default_model_path
-
-    if settings.engine == "remote":
-        from rbr_model.grading.remote_engine import RemoteEngine
-
-        if not settings.remote_url:
-            raise ValueError("RBR_ENGINE=remote needs RBR_REMOTE_URL")
-        key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
-        # The chat template comes from a local copy of the grader's tokenizer (same model as the server's).
-        return RemoteEngine(settings.remote_url, model=settings.remote_model,
-                            tokenizer=str(settings.grader_model or default_model_path()), api_key=key)
-    from rbr_model.grading.vllm_engine import VLLMEngine
-
-    return VLLMEngine(
-        str(settings.grader_model or default_model_path()),
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        enforce_eager=settings.enforce_eager,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-    )
-
-
-def rm_engine_options(settings: Settings) -> dict[str, Any]:
-    """Keyword settings for `build_rm_engine`; each RM engine kind keeps the ones it knows."""
-    return {
-        "max_model_len": settings.max_model_len,
-        "gpu_memory_utilization": settings.rm_gpu_memory_utilization,
-        "api_key": settings.rm_api_key.get_secret_value() if settings.rm_api_key else None,
-    }
-
-
-def load_heads(settings: Settings, policy: Policy, heads_path: str | None = None) -> Heads | None:
-    """The heads to serve, or None. `auto` takes the packaged heads only where they fit (default policy and
-    embedded grader) and quietly grades by prompt otherwise; an explicit file must fit or it is an error."""
-    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
-
-    choice = heads_path or settings.heads
-    if choice == "none":
-        return None
-    if choice == "auto":
-        if settings.grader_model or settings.engine == "remote" or not packaged_heads_path().is_file():
-            return None
-        heads = Heads.load(packaged_heads_path())
-        try:
-            heads.check_policy(policy)
-        except HeadsError:
-            log.info("packaged heads are for the default policy; %s is graded by prompts only", policy.name)
-            return None
-        return heads
-    heads = Heads.load(choice)
-    heads.check_policy(policy)
-    return heads
-
-
-def build_state_engine(settings: Settings, heads: Heads) -> StateEngine:
-    """The engine that runs the heads' trunk: vLLM's pooling runner in process, or a remote pooling server."""
-    from rbr_model import models
-
-    layer = int(heads.grader["layer"])
-    if settings.engine == "remote":
-        from rbr_model.grading.states import RemoteStateEngine
-
-        if not settings.heads_url or not settings.heads_trunk:
-            raise ValueError("heads with RBR_ENGINE=remote need RBR_HEADS_URL and RBR_HEADS_TRUNK (a local copy of "
-                             "the served trunk); or set RBR_HEADS=none")
-        key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
-        return RemoteStateEngine(settings.heads_url, settings.heads_trunk, api_key=key,
-                                 max_model_len=settings.max_model_len)
-    from rbr_model.grading.states import VLLMStateEngine
-    from rbr_model.grading.vllm_engine import _on_gpu
-
-    trunk = settings.heads_trunk or str(models.prepare_trunk(layer))
-    return VLLMStateEngine(trunk, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
-                           enforce_eager=settings.enforce_eager,
-                           gpu_memory_utilization=0.05 if _on_gpu() else None)
-
-
-def build_grader(engine: Engine, model: RewardModel, settings: Settings, heads: Heads | None = None,
-                 state_engine: StateEngine | None = None) -> Grader:
-    from rbr_model.grading.grader import Grader
-
-    calibration = None
-    if settings.calibration_path:
-        from rbr_model.calibration import Calibration
-
-        calibration = Calibration.load(settings.calibration_path)
-    return Grader(engine, model.policy, calibration=calibration, max_in_flight=settings.max_engine_requests,
-                  layout=settings.grader_layout, heads=heads if state_engine is not None else None,
-                  state_engine=state_engine)
-
-
-def build_pipeline(settings: Settings, metrics: Metrics, cache: FeatureCache,
-                   rm_engine: RMEngine | None = None) -> Pipeline:
+def build_pipeline(settings: Settings, metrics: Metrics, cache: FeatureCache) -> Pipeline:
     admission = Admission(settings.max_inflight_judgments, metrics, settings.retry_after_s)
-    return Pipeline(cache, metrics, admission, rm_engine=rm_engine, default_rm_score=settings.default_rm_score)
+    return Pipeline(cache, metrics, admission, default_rm_score=settings.default_rm_score)
 
 
 def served_caveats(settings: Settings, model: RewardModel) -> list[str]:
@@ -249,9 +154,9 @@ async def running(app: FastAPI, engine: Engine | None = None, rm_engine: RMEngin
     model = load_reward_model(settings.policy_path, settings.weights_path)
     cache = build_cache(settings.redis_url, metrics, ttl_s=settings.cache_ttl_s, local_size=settings.local_cache_size,
                         timeout_s=settings.redis_timeout_s, breaker_s=settings.redis_breaker_s)
-    state.pipeline = build_pipeline(settings, metrics, cache, rm_engine)
-    heads = load_heads(settings, model.policy)  # a bad heads file stops the start, naming file and field
-    state.engine_task = asyncio.create_task(_start_engines(state, engine, model, heads, state_engine))
+    state.pipeline = build_pipeline(settings, metrics, cache)
+    heads = choose_heads(settings.stack(), model.policy)  # a bad heads file stops the start, naming file and field
+    state.engine_task = asyncio.create_task(_start_engines(state, model, engine, state_engine, rm_engine))
     log.info("rbr-serve starting: policy %s, weights %s, cache %s, heads %s", model.policy.short_version,
              model.weights.version, cache.backend,
              f"{len(heads.propositions)} from {heads.source}" if heads is not None else "none")
@@ -266,49 +171,32 @@ async def running(app: FastAPI, engine: Engine | None = None, rm_engine: RMEngin
         metrics.ready.set(0)
         state.engine_task.cancel()
         await asyncio.gather(state.engine_task, return_exceptions=True)
-        if engine is None and state.engine is not None:
-            await state.engine.close()
-        if state_engine is None and state.state_engine is not None:
-            await state.state_engine.close()
-        if rm_engine is None and state.pipeline.rm_engine is not None:
-            await state.pipeline.rm_engine.close()
+        if state.stack is not None:
+            await state.stack.close()  # only what it built: engines passed in stay the caller's
         await cache.close()
 
 
-async def _start_engines(state: AppState, engine: Engine | None, model: RewardModel, heads: Heads | None,
-                         state_engine: StateEngine | None) -> None:
-    settings, metrics, pipeline = state.settings, state.metrics, state.pipeline
-    assert pipeline is not None
+async def _start_engines(state: AppState, model: RewardModel, engine: Engine | None,
+                         state_engine: StateEngine | None, rm_engine: RMEngine | None) -> None:
+    settings, metrics = state.settings, state.metrics
     try:
-        if engine is None:
-            engine = await asyncio.to_thread(build_engine, settings)
-            start = getattr(engine, "start", None)
-            if start is not None:
-                await start()
-        state.engine = engine
-        if heads is not None and state_engine is None:
-            state_engine = await asyncio.to_thread(build_state_engine, settings, heads)
-        state.state_engine = state_engine
-        if pipeline.rm_engine is None and settings.rm_engine != "none":
-            from rbr_model.rm import build_rm_engine
-
-            pipeline.rm_engine = await asyncio.to_thread(
-                build_rm_engine, settings.rm_engine, settings.rm_model, settings.rm_url, **rm_engine_options(settings))
-        grader = build_grader(engine, model, settings, heads, state_engine)
+        stack = state.stack = await build_stack(settings.stack(), model.policy, engine=engine,
+                                                state_engine=state_engine, rm_engine=rm_engine, offload=True)
+        grader, heads = stack.grader, stack.heads
         # Warm up: one real judgment per method in use proves the engines answer before we call ourselves ready.
         warm = [next(iter(model.policy.propositions))]
         if heads is not None:
             warm += [heads.propositions[0]] + [n for n in model.policy.propositions if n not in heads][:1]
         await grader.grade([([{"role": "user", "content": "Hello"}], "Hi there!", list(dict.fromkeys(warm)))])
-        state.serving = ServingState(model, grader, generation=1)
+        state.serving = ServingState(model, grader, rm_engine=stack.rm_engine, generation=1)
         freeze_long_lived_objects()
         state.ready = True
         metrics.ready.set(1)
         metrics.engine_up.set(1)
-        log.info("grader engine ready (%s)", getattr(engine, "model_id", type(engine).__name__))
+        log.info("grader engine ready (%s)", getattr(stack.engine, "model_id", type(stack.engine).__name__))
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported through /readyz and the log
         state.engine_error = f"{type(exc).__name__}: {exc}"
         metrics.engine_up.set(0)
-        log.error("grader engine failed to start: %s", state.engine_error)
+        log.error("the engines failed to start: %s", state.engine_error)

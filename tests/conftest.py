@@ -112,6 +112,9 @@ class SharedEngine(Engine):
     async def health(self) -> bool:
         return await self.runner.run(self.inner.health())
 
+    async def gone(self) -> bool:
+        return await self.runner.run(self.inner.gone())
+
     async def close(self) -> None:
         await self.runner.run(self.inner.close())
 

@@ -64,6 +64,9 @@ class SharedStateEngine(StateEngine):
     async def health(self) -> bool:
         return await self.runner.run(self.inner.health())
 
+    async def gone(self) -> bool:
+        return await self.runner.run(self.inner.gone())
+
     async def close(self) -> None:  # the module fixture closes the real one
         return None
 

@@ -1,7 +1,8 @@
-"""Fault injection: Redis killed and restarted under load, and a grader engine whose engine-core process is killed.
+"""Fault injection: Redis killed and restarted under load, and each in-process engine (grader, heads' trunk, reward
+model) whose engine-core process is killed.
 
-Both are real faults in real processes: a redis-server on loopback (tests/redis_server.py) and a second, dedicated
-CPU vLLM engine (the shared one must stay alive for the other tests). Figures are reported like the rest of the
+All are real faults in real processes: a redis-server on loopback (tests/redis_server.py) and dedicated CPU vLLM
+engines (the shared grader must stay alive for the other tests). Figures are reported like the rest of the
 reliability harness (test_reliability.py).
 """
 
@@ -20,6 +21,7 @@ import psutil
 import pytest
 from helpers import CONV, app_on, asgi_client, metric, report, reward_item, unique
 from redis_server import RedisServer
+from rm_classifier import build_test_classifier
 from tolerances import ENGINE_FP32_TOL
 
 from rbr_model.policy import load_policy
@@ -196,3 +198,78 @@ async def test_dead_engine_gives_503_never_a_reward(grader_model_path, request):
     report(request, engine_start_s=round(start_s, 1), requests=sum(codes.values()),
            statuses=json.dumps(dict(codes), sort_keys=True), in_flight_failed_after_s=round(in_flight_s, 2),
            readyz=ready.status_code, healthz=alive.status_code)
+
+
+# ---- the heads' trunk engine or the reward-model engine dies ---------------------------------------------------
+@contextlib.asynccontextmanager
+async def _app_building_its_engines(grader_engine: Any, **settings: Any):
+    """The app on the shared grader, building the other engines the settings ask for itself (as `rbr serve`
+    does); yields the app, a client and the engine-core processes the app started. Nothing of them outlives it."""
+    before = _descendants()
+    cores: list[psutil.Process] = []
+    try:
+        async with app_on(grader_engine, **settings) as app, asgi_client(app) as client:
+            cores += [p for pid, p in _descendants().items() if pid not in before and _is_engine_core(p)]
+            yield app, client, cores
+    finally:
+        for proc in cores:  # the shared helpers (multiprocessing's resource tracker) stay for the other tests
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+async def _liveness_after_kill(client: Any, core: psutil.Process) -> Any:
+    """SIGKILL the engine core, then /healthz once it has noticed (vLLM's monitor thread marks the engine dead)."""
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    core.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (alive := await client.get("/healthz")).status_code == 200:
+        assert time.monotonic() < deadline, "/healthz still 200 a minute after the engine core was killed"
+        await asyncio.sleep(0.1)
+    return alive
+
+
+def _error(response: Any) -> dict:
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["type"] == "engine_unavailable", response.text
+    return error
+
+
+async def test_a_dead_heads_engine_fails_liveness_and_readiness_names_it(grader_engine, request):
+    """The heads' trunk (in process, on by default) dies: /healthz 503 so Docker or Kubernetes restart the process,
+    where before only /readyz said so, forever."""
+    async with _app_building_its_engines(grader_engine, heads="auto", default_rm_score=0.0) as (app, client, cores):
+        stack = app.state.rbr.stack
+        assert stack.heads is not None and stack.state_engine in stack.owned, "the app built no heads engine"
+        assert len(cores) == 1, cores
+        item = reward_item(prompt=CONV, completion=unique("Call it Bread Pitt."), response_type="hard_refuse")
+        assert (await client.post("/v1/rewards", json={"items": [item]})).status_code == 200
+        alive = await _liveness_after_kill(client, cores[0])
+        assert _error(alive)["message"] == "the heads engine has died; restart the process"
+        assert _error(await client.get("/readyz"))["message"] == "the heads engine does not answer health checks"
+        fresh = reward_item(prompt=CONV, completion=unique("Or Dough Jones."), response_type="hard_refuse")
+        r = await client.post("/v1/rewards", json={"items": [fresh]})
+        assert "results" not in r.json() and _error(r)
+        assert await grader_engine.health(), "the grader engine beside it lives on"
+    report(request, healthz=alive.status_code)
+
+
+async def test_a_dead_reward_model_engine_fails_liveness_and_readiness_names_it(grader_engine, tmp_path, request):
+    classifier = await asyncio.to_thread(build_test_classifier, tmp_path / "test-classifier")
+    async with _app_building_its_engines(grader_engine, rm_engine="vllm", rm_model=str(classifier)) as (
+            app, client, cores):
+        assert app.state.rbr.stack.rm_engine in app.state.rbr.stack.owned, "the app built no RM engine"
+        assert len(cores) == 1, cores
+        rm_only = {"prompt": "hi", "completion": unique("hello")}  # no rm_score: the RM engine gives it
+        r = await client.post("/v1/rewards", json={"items": [rm_only]})
+        assert r.status_code == 200, r.text
+        alive = await _liveness_after_kill(client, cores[0])
+        assert _error(alive)["message"] == "the reward model engine has died; restart the process"
+        assert _error(await client.get("/readyz"))["message"] == (
+            "the reward model engine does not answer health checks")
+        r = await client.post("/v1/rewards", json={"items": [{**rm_only, "completion": unique("hey")}]})
+        assert "results" not in r.json() and _error(r)
+        r = await client.post("/v1/rewards", json={"items": [reward_item(rm_score=0.5)]})  # needs no RM
+        assert r.status_code == 200 and r.json()["results"][0]["reward"] == 0.5, r.text
+    report(request, healthz=alive.status_code)

@@ -6,13 +6,13 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from rbr_model.rm import build_rm_engine
+from rbr_model.stack import StackSettings, build_rm
 from service.settings import Settings
-from service.state import rm_engine_options
 
 
 def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
     monkeypatch.setenv("RBR_RM_ENGINE", "vllm")
+    monkeypatch.setenv("RBR_RM_MODEL", "/models/rm")
     monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.3")
     with pytest.raises(ValidationError) as err:
         Settings()
@@ -21,6 +21,7 @@ def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
     # 0.6 + 0.3 is 0.8999999999999999 in float64: approx's default (relative 1e-6) absorbs the rounding
     assert Settings().gpu_memory_utilization + Settings().rm_gpu_memory_utilization == pytest.approx(0.9)
     monkeypatch.setenv("RBR_RM_ENGINE", "remote")  # a remote RM takes no memory here
+    monkeypatch.setenv("RBR_RM_URL", "http://rm:8000")
     monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.9")
     assert Settings().rm_engine == "remote"
 
@@ -43,14 +44,71 @@ async def test_rm_settings_reach_the_remote_rm_engine(monkeypatch):
         data = [{"index": 0, "probs": [1.5], "num_classes": 1}]
         return httpx.Response(200, json={"object": "list", "model": "rm", "data": data})
 
-    engine = build_rm_engine("remote", "rm", "http://rm.test", **rm_engine_options(settings),
-                             transport=httpx.MockTransport(classify))
+    monkeypatch.setenv("RBR_RM_ENGINE", "remote")
+    monkeypatch.setenv("RBR_RM_URL", "http://rm.test")
+    monkeypatch.setenv("RBR_RM_MODEL", "rm")
+    settings = Settings()
+    assert "rm-secret" not in repr(settings.stack())
+    engine = build_rm(settings.stack(), transport=httpx.MockTransport(classify))
     try:
         assert await engine.score([[{"role": "user", "content": "Hi"}]], ["Hello!"]) == [1.5]
     finally:
         await engine.close()
     assert seen == ["Bearer rm-secret"]
-    assert rm_engine_options(Settings(rm_gpu_memory_utilization=0.2))["gpu_memory_utilization"] == 0.2
+    assert Settings(rm_gpu_memory_utilization=0.2).stack().rm_gpu_memory_utilization == 0.2
+
+
+def test_the_heads_engine_counts_in_the_gpu_share(monkeypatch):
+    monkeypatch.setenv("RBR_HEADS", "auto")  # the serving default (the test run sets none)
+    monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.9")
+    monkeypatch.setenv("RBR_HEADS_GPU_MEMORY_UTILIZATION", "0.2")
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "RBR_GPU_MEMORY_UTILIZATION (0.9) + RBR_HEADS_GPU_MEMORY_UTILIZATION (0.2) exceed 1" in str(err.value)
+    monkeypatch.setenv("RBR_HEADS_GPU_MEMORY_UTILIZATION", "0.1")
+    assert Settings().heads_gpu_memory_utilization == 0.1
+    monkeypatch.setenv("RBR_RM_ENGINE", "vllm")  # three engines in process: 0.9 + 0.1 + 0.1
+    monkeypatch.setenv("RBR_RM_MODEL", "/models/rm")
+    with pytest.raises(ValidationError, match=r"\+ RBR_RM_GPU_MEMORY_UTILIZATION \(0.1\) exceed 1"):
+        Settings()
+    monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.8")  # the defaults' sum, exactly 1 (float rounding aside)
+    assert Settings().rm_engine == "vllm"
+    # Heads that run no trunk here take no share: none, auto beside a custom grader (auto takes no heads there),
+    # and any heads with a remote engine.
+    monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.85")
+    monkeypatch.setenv("RBR_HEADS_GPU_MEMORY_UTILIZATION", "0.5")
+    monkeypatch.setenv("RBR_RM_ENGINE", "none")
+    for env in ({"RBR_HEADS": "none"}, {"RBR_GRADER_MODEL": "/models/judge"}):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert Settings()
+        for key in env:
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("RBR_HEADS", "/heads.npz")
+    with pytest.raises(ValidationError, match="RBR_HEADS_GPU_MEMORY_UTILIZATION"):
+        Settings()
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"RBR_ENGINE": "remote"}, "RBR_REMOTE_URL is required with RBR_ENGINE=remote"),
+    ({"RBR_ENGINE": "remote", "RBR_REMOTE_URL": "http://judge:8000", "RBR_HEADS": "/heads.npz"},
+     "heads with RBR_ENGINE=remote need RBR_HEADS_URL and RBR_HEADS_TRUNK"),
+    ({"RBR_RM_ENGINE": "vllm"}, "RBR_RM_MODEL is required with RBR_RM_ENGINE=vllm"),
+    ({"RBR_RM_ENGINE": "remote"}, "RBR_RM_URL is required with RBR_RM_ENGINE=remote"),
+])
+def test_an_engine_without_its_address_fails_at_rbr_serve(monkeypatch, env, named):
+    """Not as a 503 once the engines start in the background: `rbr serve` exits 2 naming the variable."""
+    from typer.testing import CliRunner
+
+    from rbr_model.cli import app
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=named):
+        Settings()
+    res = CliRunner().invoke(app, ["serve"])
+    assert res.exit_code == 2 and named in res.output and "Traceback" not in res.output
+    assert StackSettings(**{k.removeprefix("RBR_").lower(): v for k, v in env.items()}).problems()
 
 
 def test_rbr_serve_names_bad_settings_by_their_variable(monkeypatch):
@@ -64,6 +122,7 @@ def test_rbr_serve_names_bad_settings_by_their_variable(monkeypatch):
     assert "Traceback" not in res.output
     monkeypatch.delenv("RBR_GRADER_LAYOUT")
     monkeypatch.setenv("RBR_RM_ENGINE", "vllm")
+    monkeypatch.setenv("RBR_RM_MODEL", "/models/rm")
     monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.5")
     res = CliRunner().invoke(app, ["serve"])
     assert res.exit_code == 2 and "RBR_RM_GPU_MEMORY_UTILIZATION (0.5) exceed 1" in res.output

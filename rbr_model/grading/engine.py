@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from rbr_model.lifecycle import EngineLifecycle
+
 
 class GradingError(RuntimeError):
     """A judgment could not be produced (engine down or closed, prompt rejected, malformed answer).
@@ -81,8 +83,10 @@ def judgment_from_logprobs(
     )
 
 
-class Engine(ABC):
-    """A grader model behind one small async interface."""
+class Engine(EngineLifecycle, ABC):
+    """A grader model behind one small async interface (start, health, gone and close: `EngineLifecycle`)."""
+
+    engine_name = "the grader engine"
 
     model_id: str
     """Identifies the model (and so the meaning of its probabilities): part of the grader fingerprint."""
@@ -99,17 +103,3 @@ class Engine(ABC):
         self, prompts: Sequence[str], max_tokens: int = 256, temperature: float = 0.0, seed: int | None = None
     ) -> list[str]:
         """Sample one continuation per prompt (text only). Raises `GradingError` on failure."""
-
-    @abstractmethod
-    async def health(self) -> bool:
-        """True when the engine can take work now; never raises."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Release the engine; later calls raise `GradingError`. Safe to call twice."""
-
-    async def __aenter__(self) -> Engine:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -23,11 +23,12 @@ import httpx
 
 from rbr_model.grading.engine import Engine, GradingError, Judgment, judgment_from_logprobs
 from rbr_model.grading.prompts import NO_VARIANTS, YES_VARIANTS, discover_yes_no_ids
+from rbr_model.lifecycle import HTTPClientOwner
 
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(HTTPClientOwner, Engine):
     """Talks to `python -m vllm.entrypoints.openai.api_server` (or any vLLM-compatible server) over httpx.
 
     `model` is the served model name; None asks `/v1/models` and takes the only one served. `batch_size`
@@ -83,10 +84,9 @@ class RemoteEngine(Engine):
         raise GradingError("the remote model is not known yet: call `await engine.start()` first")
 
     # ---- setup ----------------------------------------------------------------------------------------
-    async def start(self) -> RemoteEngine:
+    async def start(self) -> None:
         """Resolve the model name and the yes/no token ids (done lazily by the first call otherwise)."""
         await self._ensure_ready()
-        return self
 
     async def _ensure_ready(self) -> None:
         if self._closed:
@@ -217,22 +217,6 @@ class RemoteEngine(Engine):
             return [str(c["text"]) for c in choices]
         except (KeyError, TypeError) as exc:
             raise GradingError("malformed completion in the server's answer") from exc
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            resp = await self._client.get("/health")
-        except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._owns_client:
-            await self._client.aclose()
 
 
 def _error_message(resp: httpx.Response) -> str:

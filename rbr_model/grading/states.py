@@ -28,12 +28,15 @@ import numpy as np
 
 from rbr_model.aio import gather_or_cancel
 from rbr_model.grading.engine import GradingError
-from rbr_model.grading.vllm_engine import AsyncLLMOwner
 from rbr_model.heads.inputs import HeadInput
+from rbr_model.lifecycle import AsyncLLMOwner, EngineLifecycle, HTTPClientOwner
 
 
-class StateEngine(ABC):
-    """The trunk behind one small async interface; `pooled` never invents a number (it raises GradingError)."""
+class StateEngine(EngineLifecycle, ABC):
+    """The trunk behind one small async interface; `pooled` never invents a number (it raises GradingError).
+    Start, health, gone and close: `EngineLifecycle`."""
+
+    engine_name = "the heads engine"
 
     model_id: str
     model_hash: str  # sha256 of the trunk's weights and config: heads are refused on another trunk
@@ -59,14 +62,6 @@ class StateEngine(ABC):
             raise GradingError("the heads engine returned non-finite hidden states")
         return out
 
-    @abstractmethod
-    async def health(self) -> bool:
-        """True when the engine can take work now; never raises."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Release the engine; safe to call twice."""
-
 
 def _check_ids(inputs: Sequence[HeadInput], max_model_len: int) -> None:
     for inp in inputs:
@@ -84,6 +79,7 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
     """
 
     engine_name = "the heads engine"
+    error_type = GradingError
 
     def __init__(self, trunk: str | Path, *, model_id: str | None = None, model_hash: str | None = None,
                  max_model_len: int = 4096, max_num_seqs: int = 64, dtype: str = "float32",
@@ -147,7 +143,7 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
         return await gather_or_cancel(self._one(inp) for inp in inputs)
 
 
-class RemoteStateEngine(StateEngine):
+class RemoteStateEngine(HTTPClientOwner, StateEngine):
     """A vLLM server running the trunk with `--runner pooling` (its `/pooling` endpoint, task `token_embed`).
 
     `trunk` is a local copy of the served trunk folder: its tokenizer builds the inputs and its hash is what
@@ -171,6 +167,7 @@ class RemoteStateEngine(StateEngine):
         self.dtype = "float32"  # what the server is asked to return; its compute dtype is the server's setting
         self.hidden_size = int(json.loads((Path(trunk) / "config.json").read_text())["hidden_size"])
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._owns_client = client is None
         self._client = client or httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
         self._closed = False
 
@@ -204,16 +201,3 @@ class RemoteStateEngine(StateEngine):
         except (KeyError, TypeError, ValueError) as exc:
             raise GradingError(f"POST {self.base_url}/pooling: unexpected answer: {exc}") from exc
         return out
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            return (await self._client.get("/health")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._client.aclose()

@@ -23,6 +23,7 @@ from typing import Any
 from rbr_model.aio import gather_or_cancel
 from rbr_model.grading.engine import Engine, GradingError, Judgment, judgment_from_logprobs
 from rbr_model.grading.prompts import discover_yes_no_ids, tokenizer_encoder
+from rbr_model.lifecycle import AsyncLLMOwner
 
 
 def _on_gpu() -> bool:
@@ -75,55 +76,15 @@ def cpu_engine_env() -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
-class AsyncLLMOwner:
-    """What every engine that owns a vLLM `AsyncLLM` (`self._llm`) does alike: report health, shut down once.
-    (They run requests together through `rbr_model.aio.gather_or_cancel`.)"""
-
-    _llm: Any
-    _closed: bool
-    engine_name = "the vLLM engine"
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GradingError(f"{self.engine_name} is closed")
-        if self._llm.errored:
-            raise GradingError(f"{self.engine_name} has died", retryable=True)
-
-    @staticmethod
-    def _failure(exc: Exception) -> GradingError:
-        """A vLLM exception as a GradingError; a dead or failing engine core may recover after a restart."""
-        retryable = type(exc).__name__ in ("EngineDeadError", "EngineGenerateError")
-        return GradingError(f"vLLM failed: {type(exc).__name__}: {exc}", retryable=retryable)
-
-    async def health(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            await self._llm.check_health()
-        except Exception:
-            return False
-        return not self._llm.errored
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # Called on the loop thread on purpose: shutdown() cancels vLLM's output handler before the loop can
-        # run it again; from another thread the handler would first see the dead engine core and log an error.
-        # It blocks for a second or two while the engine-core process exits.
-        llm, self._llm = self._llm, None
-        llm.shutdown()
-        # Dropping the last reference now lets AsyncLLM.__del__ run while the interpreter is still whole
-        # (at exit it fails on half-torn-down modules).
-        del llm
-
-
 class VLLMEngine(AsyncLLMOwner, Engine):
     """A vLLM `AsyncLLM` in this process (its engine core runs in a child process it manages).
 
     Building it loads the model and blocks for a while (~25 s for the embedded model on CPU). Use it from one
     event loop: vLLM binds its output handler to the loop of the first request.
     """
+
+    engine_name = "the grader engine"
+    error_type = GradingError
 
     def __init__(
         self,

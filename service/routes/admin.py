@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 
 from rbr_model.policy import PolicyError
 from rbr_model.reward import WeightsError
+from rbr_model.stack import choose_heads
 from service.auth import require_admin_key
 from service.errors import InvalidRequest
 from service.protocol import ErrorResponse, ReloadRequest, ReloadResponse
 from service.routes.common import quote, serving_state
 from service.scoring import ServingState
-from service.state import app_state, build_grader, load_heads, load_reward_model
+from service.state import app_state, load_reward_model
 
 router = APIRouter(tags=["admin"])
 log = logging.getLogger("rbr.admin")
@@ -47,15 +49,18 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadR
             field = "weights_path" if isinstance(exc, WeightsError) else "policy_path"
             raise InvalidRequest(f"{field}: {str(exc)[:500]}", field=field) from None
         try:
-            heads = await asyncio.to_thread(load_heads, settings, model.policy, body.heads_path)
-            if heads is not None and state.state_engine is None:
+            stack_settings = settings.stack()
+            if body.heads_path:
+                stack_settings = replace(stack_settings, heads=body.heads_path)
+            heads = await asyncio.to_thread(choose_heads, stack_settings, model.policy)
+            assert state.stack is not None  # serving_state above: the engines are warm
+            if heads is not None and state.stack.state_engine is None:
                 raise HeadsError(f"{heads.source}: this process runs no heads engine; restart it with RBR_HEADS set")
-            assert state.engine is not None  # serving_state above: the engine is warm
-            grader = build_grader(state.engine, model, settings, heads, state.state_engine)
+            grader = state.stack.grader_for(model.policy, heads)
         except (HeadsError, OSError, ValueError) as exc:
             metrics.reloads.labels("error").inc()
             raise InvalidRequest(f"heads_path: {str(exc)[:500]}", field="heads_path") from None
-        state.serving = ServingState(model, grader, generation=old.generation + 1)
+        state.serving = ServingState(model, grader, rm_engine=old.rm_engine, generation=old.generation + 1)
         metrics.reloads.labels("ok").inc()
         log.info("reloaded: policy %s, weights %s (generation %d)", model.policy.short_version,
                  model.weights.version, old.generation + 1)

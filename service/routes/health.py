@@ -10,16 +10,17 @@ from service.auth import require_reward_key
 from service.errors import error_response
 from service.protocol import ErrorResponse, PolicyInfo
 from service.routes.common import serving_state
-from service.state import app_state, engine_gone, readiness
+from service.state import app_state, engines_gone, readiness
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=dict[str, str], responses={503: {"model": ErrorResponse}})
 async def healthz(request: Request) -> Any:
-    """The process is alive (the engine may still be starting); 503 once the grader engine is gone for good."""
+    """The process is alive (the engines may still be starting); 503 once any in-process engine (grader, heads'
+    trunk, reward model) is gone for good, or the engines failed to start: only a restart helps."""
     state = app_state(request.app)
-    reason = await engine_gone(state)
+    reason = await engines_gone(state)
     if reason:
         state.metrics.engine_up.set(0)
         return error_response(503, "engine_unavailable", reason)
@@ -29,7 +30,8 @@ async def healthz(request: Request) -> Any:
 @router.get("/readyz", responses={200: {"content": {"application/json": {"example": {"status": "ready"}}}},
                                   503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> Response:
-    """200 once the engine is warm and policy and weights are loaded; 503 before, or when the engine is down."""
+    """200 once the engines are warm and policy and weights are loaded; 503 before, or naming the engine that is
+    down."""
     problem = await readiness(app_state(request.app))
     if problem is not None:
         return error_response(problem.status, problem.type, problem.message, headers=problem.headers or None)

@@ -49,7 +49,7 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
         items.append(ScoreItem(parse_conversation(prompt or prompt_part), clean(completion), rt, None))
     pipeline = app.pipeline
     assert pipeline is not None  # serving_state above: the lifespan has started
-    pipeline.check_rm_available(items, field_prefix="query")
+    pipeline.check_rm_available(state, items, field_prefix="query")
     app.metrics.request_items.observe(n)
     results = await guarded(request, pipeline.score(state, items, with_features=True, field="query"))
     logs: dict[str, list[float]] = {k: [] for k in keys}
