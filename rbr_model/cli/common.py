@@ -24,18 +24,23 @@ def failing(*errors: type[BaseException]) -> Iterator[None]:
         raise fail(str(exc)) from None
 
 
-def choose_heads(policy: Any, choice: str, custom_model: bool = False) -> Any:
-    """The `--heads` option of the commands that grade in process, read as `rbr serve` reads RBR_HEADS: a heads
-    file (checked against the policy), `none`, or `auto` (the packaged heads when the policy is the packaged one
-    they were fitted for and the grader is the embedded model)."""
-    from rbr_model.heads import Heads, HeadsError, packaged_heads_path
+def stack_settings(**flags: Any) -> Any:
+    """A command's flags as the grading stack's settings (`rbr_model.stack.StackSettings`, which decides what they
+    mean, as for `rbr serve`); a combination that cannot work is `fail`'s one line naming the flags."""
+    from rbr_model.stack import StackSettings
 
-    if choice == "none" or (choice == "auto" and custom_model):
-        return None
+    settings = StackSettings(**flags)
+    problems = settings.problems(lambda name: "--" + name.replace("_", "-"))
+    if problems:
+        raise fail("; ".join(problems))
+    return settings
+
+
+def chosen_heads(settings: Any, policy: Any) -> Any:
+    """The heads `settings` grade `policy` with (`rbr_model.stack.choose_heads`), a bad heads file as one line:
+    checked before any engine starts."""
+    from rbr_model.heads import HeadsError
+    from rbr_model.stack import choose_heads
+
     with failing(HeadsError):
-        if choice == "auto":
-            heads = Heads.load(packaged_heads_path())
-            return heads if heads.policy.get("fingerprint") == policy.fingerprint else None
-        heads = Heads.load(choice)
-        heads.check_policy(policy)
-        return heads
+        return choose_heads(settings, policy)

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import choose_heads, fail, failing
+from rbr_model.cli.common import chosen_heads, fail, failing, stack_settings
 
 eval_app = typer.Typer(help="Evaluate the grader against human labels, and a policy's behaviour on held-out "
                        "prompts.", no_args_is_help=True)
@@ -135,18 +135,6 @@ async def run_evaluation(
     return report
 
 
-def _build_engine(kind: str, model_path: str, remote_url: str | None, remote_model: str | None,
-                  max_model_len: int) -> Any:
-    if kind == "remote":
-        from rbr_model.grading.remote_engine import RemoteEngine
-
-        return RemoteEngine(remote_url, model=remote_model, tokenizer=model_path,
-                            api_key=os.environ.get("RBR_REMOTE_API_KEY") or None)
-    from rbr_model.grading.vllm_engine import VLLMEngine
-
-    return VLLMEngine(model_path, max_model_len=max_model_len)
-
-
 @eval_app.command("grader")
 def grader(
     gold: Annotated[Path, typer.Option("--gold", "-g", help="Gold JSONL: prompt, completion, propositions "
@@ -208,12 +196,11 @@ def grader(
 
     if method not in ("heads", "prompt", "both"):
         raise fail(f"--method must be heads, prompt or both, not {method!r}")
-    if engine not in ("vllm", "remote"):
-        raise fail(f"--engine must be vllm or remote, not {engine!r}")
     if method == "heads" and (calibrate_out is not None or calibration_path is not None):
         raise fail("--calibrate-out and --calibration apply to the prompted grader: add --method prompt or both")
-    if engine == "remote" and not remote_url:
-        raise fail("--engine remote needs --remote-url (or RBR_REMOTE_URL)")
+    settings = stack_settings(engine=engine, remote_url=remote_url, remote_model=remote_model,
+                              remote_api_key=os.environ.get("RBR_REMOTE_API_KEY") or None,
+                              max_model_len=max_model_len, heads="none")
     from rbr_model.cli.heads_cmd import load_labelled
 
     policy, rows, mapping, why = load_labelled([gold], policy_path, map_path, _split(propositions))
@@ -240,16 +227,16 @@ def grader(
             typer.secho(f"warning: the calibration was fitted for {fitted_model}", err=True,
                         fg=typer.colors.YELLOW)
 
+    from dataclasses import replace
+
     from rbr_model.grading.engine import GradingError
+    from rbr_model.stack import build_stack
 
     async def main() -> dict[str, Any]:
-        eng = _build_engine(engine, model, remote_url, remote_model, max_model_len)
-        try:
-            return await run_evaluation(eng, policy, rows, mapping, out, calibration=calibration,
+        async with await build_stack(replace(settings, grader_model=model), policy) as stack:
+            return await run_evaluation(stack.engine, policy, rows, mapping, out, calibration=calibration,
                                         calibrate_out=calibrate_out, cv_folds=cv_folds, seed=seed,
                                         concurrency=concurrency, progress=progress, gold_path=str(gold))
-        finally:
-            await eng.close()
 
     try:
         prompt_report = asyncio.run(main())
@@ -272,6 +259,7 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     from rbr_model.grading.engine import GradingError
     from rbr_model.heads import Heads, HeadsError, packaged_heads_path
     from rbr_model.heads.evaluation import applied_report, cross_validated_report
+    from rbr_model.stack import StackSettings, trunk_for
 
     path = heads_path or packaged_heads_path()
     with failing(HeadsError):
@@ -280,7 +268,7 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     if cv is None:
         cv = trained_on == file_sha256(gold)
     with failing(models.ModelError, HeadsError):
-        trunk = models.prepare_trunk(int(heads.grader["layer"]))
+        trunk = trunk_for(StackSettings(), int(heads.grader["layer"]))
         if not cv:
             heads.check_model(trunk.name, models.model_hash(trunk))
     typer.echo(f"heads {path} (layer {heads.grader['layer']}); "
@@ -518,32 +506,22 @@ def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: S
         except pe.PolicyEvalError as exc:
             raise fail(f"grading failed: {exc}", code=1) from None
 
-    heads = choose_heads(policy, heads_choice)
+    settings = stack_settings(max_model_len=max_model_len, heads=heads_choice)
+    chosen_heads(settings, policy)
     reward_model = _reward_model_for(policy, weights_path)
 
     async def in_process() -> list[Any]:
-        from rbr_model import models
-        from rbr_model.grading.grader import Grader
-        from rbr_model.grading.vllm_engine import VLLMEngine
+        from rbr_model.stack import build_stack
 
-        engine = VLLMEngine(models.prepare(), max_model_len=max_model_len)
-        states = None
-        try:
-            if heads is not None:
-                from rbr_model.grading.states import VLLMStateEngine
+        async with await build_stack(settings, policy) as stack:
+            return await run(pe.InProcessScorer(stack.grader, reward_model))
 
-                states = VLLMStateEngine(models.prepare_trunk(int(heads.grader["layer"])),
-                                         max_model_len=max_model_len)
-            grader = Grader(engine, policy, heads=heads, state_engine=states)
-            return await run(pe.InProcessScorer(grader, reward_model))
-        finally:
-            if states is not None:
-                await states.close()
-            await engine.close()
+    from rbr_model import models
+    from rbr_model.heads import HeadsError
 
     try:
         return asyncio.run(in_process())
-    except GradingError as exc:
+    except (GradingError, HeadsError, models.ModelError) as exc:
         raise fail(f"grading failed: {exc}", code=1) from None
 
 

@@ -54,14 +54,14 @@ def load_labelled(gold: Sequence[Path], policy_path: Path | None, map_path: Path
 
 
 def resolve_trunk(trunk: Path | None, layer: int) -> Path:
+    """--trunk, or the embedded model's trunk at --layer, as the grading stack reads them (`trunk_for`)."""
     from rbr_model import models
+    from rbr_model.stack import StackSettings, trunk_for
 
-    if trunk is not None:
-        if not (trunk / "config.json").is_file():
-            raise fail(f"--trunk {trunk}: not a model folder (no config.json)")
-        return trunk
+    if trunk is not None and not (trunk / "config.json").is_file():
+        raise fail(f"--trunk {trunk}: not a model folder (no config.json)")
     with failing(models.ModelError):
-        return models.prepare_trunk(layer)
+        return trunk_for(StackSettings(heads_trunk=str(trunk) if trunk is not None else None), layer)
 
 
 async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_dir: Path | None,
@@ -76,8 +76,8 @@ async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_di
     from rbr_model import models
     from rbr_model.grading.engine import GradingError
     from rbr_model.grading.prompts import PromptError
-    from rbr_model.grading.states import VLLMStateEngine
     from rbr_model.heads.fitting import build_inputs, extract_pooled, read_cached_states
+    from rbr_model.stack import StackSettings, build_state_engine
 
     try:
         inputs = build_inputs(AutoTokenizer.from_pretrained(str(trunk)), rows, max_model_len)
@@ -88,11 +88,8 @@ async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_di
     cached = read_cached_states(cache_dir, identity["model_hash"], inputs, "float32")
     if cached is not None:
         return cached, identity
-    engine = VLLMStateEngine(trunk, max_model_len=max_model_len, model_hash=identity["model_hash"])
-    try:
+    async with build_state_engine(StackSettings(max_model_len=max_model_len), trunk) as engine:
         pooled = await extract_pooled(engine, inputs, cache_dir=cache_dir, progress=progress)
-    finally:
-        await engine.close()
     return pooled, identity
 
 
@@ -105,7 +102,7 @@ def fit(
                                              "files add rows, such as rbr_model/data/"
                                              "weak_disallowed_rows.jsonl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (.npz with a JSON header); "
-                                      "serve it with RBR_HEADS_PATH.")] = Path("out/heads.npz"),
+                                      "serve it with RBR_HEADS.")] = Path("out/heads.npz"),
     policy_path: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: the packaged "
                                                      "policy). The heads are bound to its fingerprint.")] = None,
     map_path: Annotated[Path | None, typer.Option("--map", help="YAML {policy proposition: gold label}. Default: "

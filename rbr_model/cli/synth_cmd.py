@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rbr_model.cli.common import choose_heads, fail, failing
+from rbr_model.cli.common import chosen_heads, fail, failing, stack_settings
 from rbr_model.policy import PolicyError, load_policy
 from rbr_model.prompt_set import SynthError, load_expectations, load_labels, load_prompts, policy_response_type
 from rbr_model.synth import ROWS_FILE, SynthConfig, Synthesizer
@@ -81,18 +81,12 @@ def synth(
     if not prompts:
         raise fail("no prompts left to do")
 
-    heads = choose_heads(policy, heads_choice, custom_model=model is not None)
-
-    model_path = model
-    if model_path is None:
-        from rbr_model import models
-
-        with failing(models.ModelError):
-            model_path = models.prepare()
-
+    settings = stack_settings(grader_model=str(model) if model is not None else None, max_model_len=max_model_len,
+                              heads=heads_choice, rm_engine="remote" if rm_url else "vllm" if rm_model else "none",
+                              rm_model=rm_model, rm_url=rm_url)
+    chosen_heads(settings, policy)
     with failing(SynthError):
-        result = asyncio.run(_run(model_path, max_model_len, rm_model, rm_url, policy, prompts, out, config,
-                                  labels, table, progress, heads))
+        result = asyncio.run(_run(settings, policy, prompts, out, config, labels, table, progress))
     typer.echo(
         f"{result.n_keys} completions asked ({result.n_done_before} already done): {result.n_generations} sampled, "
         f"{result.n_judgments} judgments, {result.n_accepted} accepted, {result.n_rejected} rejected, "
@@ -102,44 +96,22 @@ def synth(
     typer.echo(f"wrote {out / ROWS_FILE} ({result.n_rows} rows)")
 
 
-async def _run(model_path: Path, max_model_len: int, rm_model: str | None, rm_url: str | None, policy: Any,
-               prompts: Any, out: Path, config: SynthConfig, labels: Any, table: Any, progress: bool,
-               heads: Any = None) -> Any:
+async def _run(settings: Any, policy: Any, prompts: Any, out: Path, config: SynthConfig, labels: Any, table: Any,
+               progress: bool) -> Any:
     from rbr_model import models
     from rbr_model.grading.engine import GradingError
-    from rbr_model.grading.grader import Grader
-    from rbr_model.grading.vllm_engine import VLLMEngine
     from rbr_model.heads import HeadsError
-    from rbr_model.rm import RMError, build_rm_engine
+    from rbr_model.rm import RMError
+    from rbr_model.stack import build_stack
 
-    states = None
     try:
-        engine = VLLMEngine(model_path, max_model_len=max_model_len)
-        grader = None
-        if heads is not None:
-            from rbr_model.grading.states import VLLMStateEngine
-
-            states = VLLMStateEngine(models.prepare_trunk(int(heads.grader["layer"])), max_model_len=max_model_len)
-            grader = Grader(engine, policy, heads=heads, state_engine=states)
-    except (GradingError, HeadsError, models.ModelError) as exc:
+        stack = await build_stack(settings, policy)
+    except (GradingError, HeadsError, RMError, models.ModelError, ValueError) as exc:
         raise SynthError(str(exc)) from None
-    rm = None
-    try:
-        if rm_model or rm_url:
-            try:
-                rm = await asyncio.to_thread(build_rm_engine, "remote" if rm_url else "vllm", rm_model, rm_url,
-                                             max_model_len=max_model_len)
-            except (RMError, ValueError) as exc:
-                raise SynthError(f"reward model: {exc}") from None
-        synth = Synthesizer(engine, policy, grader=grader, rm_engine=rm, labels=labels, expectations=table,
-                            config=config)
+    async with stack:
+        synth = Synthesizer(stack.engine, policy, grader=stack.grader, rm_engine=stack.rm_engine, labels=labels,
+                            expectations=table, config=config)
         try:
             return await synth.run(prompts, out, progress=progress)
         except (GradingError, RMError) as exc:
             raise SynthError(f"{exc} (the work done so far is saved; run again to resume)") from None
-    finally:
-        if rm is not None:
-            await rm.close()
-        if states is not None:
-            await states.close()
-        await engine.close()
