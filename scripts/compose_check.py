@@ -386,16 +386,20 @@ def run_checks(compose: Compose, checks: Check, api: str, prom: str, ports: dict
     redis_c = compose.container("redis")
     t = time.monotonic()
     sh("docker", "stop", "-t", "0", redis_c, check=False)  # SIGKILL at once; stopped, so no restart yet
-    item = {"prompt": "Redis is down?", "completion": "Then the local cache serves.", "response_type": "comply"}
+    item = {"prompt": "Redis is down?", "completion": "Then the local cache serves.", "response_type": "comply",
+            "rm_score": 0.0}
     codes = [http("POST", f"{api}/v1/rewards", {"items": [item]})[0] for _ in range(3)]
     _, metrics_text = http("GET", f"{api}/metrics")
     avail = metric(metrics_text if isinstance(metrics_text, str) else "", "rbr_cache_available")
+    if codes != [200] * 3:
+        print(f"[compose-check] last answer: {http('POST', f'{api}/v1/rewards', {'items': [item]})}")
     checks.record("redis killed: rewards 200", codes == [200] * 3 and avail == 0,
                   f"codes {codes}, rbr_cache_available {avail}", t)
     t = time.monotonic()
     sh("docker", "start", redis_c, check=False)
     wait_healthy(redis_c, 60)
-    item2 = {"prompt": "Redis is back?", "completion": f"Yes, at {time.time()}.", "response_type": "comply"}
+    item2 = {"prompt": "Redis is back?", "completion": f"Yes, at {time.time()}.", "response_type": "comply",
+             "rm_score": 0.0}
     codes, keys, avail = [], 0, None
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -431,7 +435,7 @@ def run_checks(compose: Compose, checks: Check, api: str, prom: str, ports: dict
     user = inspect(service, "{{.Config.User}}")
     ro = inspect(service, "{{.HostConfig.ReadonlyRootfs}}")
     caps = inspect(service, "{{json .HostConfig.CapDrop}}")
-    uids = {line.split()[0] for line in sh("docker", "top", service, "-o", "uid", check=False).stdout.splitlines()[1:]}
+    uids = {line.split()[0] for line in sh("docker", "top", service, "-eo", "uid", check=False).stdout.splitlines()[1:]}
     hardened = user == "10001" and ro == "true" and "ALL" in caps and uids == {"10001"}
     checks.record("hardening", hardened, f"user {user}, process uids {sorted(uids)}, read-only root {ro}, "
                   f"cap_drop {caps}", t)
