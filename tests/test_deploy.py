@@ -213,6 +213,7 @@ def test_dockerfile_facts():
     gpu = (DOCKER / "Dockerfile.gpu").read_text()
     assert "python:3.11-slim" in cpu
     assert "https://download.pytorch.org/whl/cpu" in cpu and "TORCH_VERSION=2.13.0" in cpu
+    assert "TORCHDYNAMO_DISABLE=1" in cpu  # no compiler in the image: vLLM's sampler must not compile
     assert '".[cpu,service]"' in cpu and "rbr model prepare" in cpu and "RBR_MODELS_DIR=" in cpu
     assert "vllm/vllm-openai" in gpu and '".[gpu,service]"' in gpu
     for text in (cpu, gpu):
@@ -221,6 +222,37 @@ def test_dockerfile_facts():
         assert 'ENTRYPOINT ["tini", "--", "rbr-entrypoint"]' in text
         assert "COPY docker/entrypoint.sh /usr/local/bin/rbr-entrypoint" in text
         assert "HEALTHCHECK" in text
+
+
+def dockerfile_env(text: str) -> dict[str, str]:
+    """The ENV settings of a Dockerfile (continuation lines joined; `$VAR` left as written)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV\s+(.+)$", joined, re.M):
+        for key, value in re.findall(r"(\w+)=(\S+)", line):
+            env[key] = value
+    return env
+
+
+@pytest.mark.parametrize("dockerfile,service", [("Dockerfile.cpu", "rbr-serve"), ("Dockerfile.gpu", "rbr-serve-gpu")])
+def test_image_and_compose_settings_validate(dockerfile, service, monkeypatch):
+    """What each image and its compose service set is a valid settings object: the GPU image, which cannot run
+    here, at least starts with settings the service accepts. No build-time pip setting reaches the image's ENV."""
+    from service.settings import Settings
+
+    env = dockerfile_env((DOCKER / dockerfile).read_text())
+    assert env["RBR_ENGINE"] == "vllm" and env["RBR_HOST"] == "0.0.0.0"
+    harmless = ("PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_BREAK_SYSTEM_PACKAGES")
+    assert not [k for k in env if k.startswith("PIP_") and k not in harmless]
+    compose_env = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][service]["environment"]
+    for key in [k for k in os.environ if k.startswith("RBR_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**env, **{k: v for k, v in compose_env.items() if v is not None}}.items():
+        if key.startswith("RBR_"):
+            monkeypatch.setenv(key, re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", str(value)))
+    settings = Settings()
+    assert settings.engine == "vllm" and settings.port == 8000
+    assert settings.redis_url == "redis://redis:6379/0"
 
 
 def test_shellcheck_entrypoint():
