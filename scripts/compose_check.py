@@ -269,7 +269,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def load_burst(api: str, n: int) -> tuple[int, int]:
     """n reward requests of new completions (grading, cache writes), repeats (cache hits), one OpenRLHF call and
-    one bad request (a 422: the error series). Returns (200s, requests)."""
+    one bad request (a 422: the error series). Returns (requests answered as expected, requests)."""
     ok = total = 0
     types = ["comply", "hard_refuse", "safe_refuse"]
     for i in range(n):
@@ -280,9 +280,11 @@ def load_burst(api: str, n: int) -> tuple[int, int]:
             status, _ = http("POST", f"{api}/v1/rewards", {"items": items})
             ok += status == 200
             total += 1
-    status, _ = http("POST", f"{api}/get_reward", {"query": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>"
-                                                              "assistant\nHello! How can I help?<|im_end|>"]})
-    ok += status == 200
+    # OpenRLHF sends no RM score, and the compose file sets neither an RM engine nor RBR_DEFAULT_RM_SCORE: the
+    # documented answer is a 422 naming the field, never a silent 0.
+    status, body = http("POST", f"{api}/get_reward", {"query": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>"
+                                                                "assistant\nHello! How can I help?<|im_end|>"]})
+    ok += status == 422 and "rm_score" in str(body)
     total += 1
     http("POST", f"{api}/v1/rewards", {"items": [{"prompt": "x", "completion": "y", "response_type": "nope"}]})
     return ok, total
@@ -428,14 +430,15 @@ def run_checks(compose: Compose, checks: Check, api: str, prom: str, ports: dict
             empty.append(f"{title} ({exc})")
     checks.record("dashboard queries", not empty and ok == total,
                   f"{len(queries) - len(empty)}/{len(queries)} return series after {ok}/{total} requests answered "
-                  f"200" + (f"; empty: {sorted(set(empty))}" if empty else ""), t)
+                  f"as expected" + (f"; empty: {sorted(set(empty))}" if empty else ""), t)
 
     # Hardening, as Docker ran it.
     t = time.monotonic()
     user = inspect(service, "{{.Config.User}}")
     ro = inspect(service, "{{.HostConfig.ReadonlyRootfs}}")
     caps = inspect(service, "{{json .HostConfig.CapDrop}}")
-    uids = {line.split()[0] for line in sh("docker", "top", service, "-eo", "uid", check=False).stdout.splitlines()[1:]}
+    top_uids = sh("docker", "top", service, "-eo", "uid,pid", check=False).stdout.splitlines()[1:]
+    uids = {line.split()[0] for line in top_uids}
     hardened = user == "10001" and ro == "true" and "ALL" in caps and uids == {"10001"}
     checks.record("hardening", hardened, f"user {user}, process uids {sorted(uids)}, read-only root {ro}, "
                   f"cap_drop {caps}", t)
