@@ -72,7 +72,7 @@ def cpu_engine_env() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM wraps a few sampler helpers in torch.compile even with enforce_eager; on the CPU, Inductor then needs
     # g++, Python headers and an executable /tmp at the first logprobs request, which slim images and hardened
-    # containers lack. Eager runs them as fast (benchmarks/RESULTS.md) with the same results; =0 compiles again.
+    # containers lack. Eager: no compile pause, no consistent speed difference (benchmarks/RESULTS.md); =0 compiles.
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
