@@ -92,17 +92,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def ca_pem(cert_file: str | None) -> str:
-    """The CA certificates a build must trust: the whole file when small, else Debian's local additions
-    (/usr/local/share/ca-certificates, which update-ca-certificates appends to the system bundle)."""
-    if not cert_file or not os.path.exists(cert_file):
-        return ""
-    if os.path.getsize(cert_file) < 64_000:
-        return Path(cert_file).read_text()
-    local = sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))
-    return "".join(p.read_text() for p in local)
-
-
 class WheelServers:
     """Serves local find-links folders over loopback, so a build (which cannot mount them) reaches them."""
 
@@ -127,7 +116,7 @@ class WheelServers:
             p.terminate()
 
 
-def build_args(pip: dict[str, str], wheel_urls: list[str]) -> dict[str, str]:
+def build_args(pip: dict[str, str], wheel_urls: list[str], pem: str) -> dict[str, str]:
     args: dict[str, str] = {}
     for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT"):
         if pip.get(key):
@@ -137,7 +126,6 @@ def build_args(pip: dict[str, str], wheel_urls: list[str]) -> dict[str, str]:
         args["PIP_FIND_LINKS"] = " ".join(wheel_urls + remote_links)
         # A wheel folder holds torch: take it from there rather than from PyTorch's index.
         args["TORCH_INDEX"] = ""
-    pem = ca_pem(pip.get("PIP_CERT"))
     if pem:
         args["PIP_CA_PEM"] = pem
     return args
@@ -293,6 +281,7 @@ def load_burst(api: str, n: int) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pip-settings", type=Path, required=True, help="KEY=value lines (docker_lib.sh pip_settings)")
+    ap.add_argument("--ca-pem", type=Path, help="CA certificates (PEM) the build trusts (docker_lib.sh pip_ca_pem)")
     ap.add_argument("--stand-ins", action="store_true", help="use the Debian stand-ins for the public images")
     ap.add_argument("--healthy-timeout", type=float, default=900, help="seconds to wait for a healthy service")
     ap.add_argument("--keep", action="store_true", help="leave the containers running (debugging)")
@@ -307,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = Check()
     folders = [f for f in pip.get("PIP_FIND_LINKS", "").split() if f.startswith("/") and os.path.isdir(f)]
     wheels = WheelServers(folders)
+    pem = opts.ca_pem.read_text() if opts.ca_pem else ""
     prometheus_config(work / "prometheus", ports["rbr-serve"], ports["prometheus"])
     compose_file = work / "docker-compose.hostnet.json"
-    changes = override(ports, work / "prometheus", build_args(pip, wheels.urls), opts.stand_ins)
+    changes = override(ports, work / "prometheus", build_args(pip, wheels.urls, pem), opts.stand_ins)
     compose_file.write_text(json.dumps(host_network_compose(changes), indent=2))
     compose = Compose(project, [compose_file])
     api = f"http://127.0.0.1:{ports['rbr-serve']}"

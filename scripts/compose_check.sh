@@ -34,9 +34,11 @@ if [ "$STAND_INS" = 1 ]; then
   args+=(--stand-ins)
 fi
 settings=$(mktemp)
-trap 'rm -f "$settings"' EXIT
 pip_settings >"$settings"
+ca=$(mktemp)
+trap 'rm -f "$settings" "$ca"' EXIT
+pip_ca_pem >"$ca"
 # Debian's python3: PyYAML comes with docker-compose.
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
-"$PY" scripts/compose_check.py --pip-settings "$settings" "${args[@]}" "$@"
+"$PY" scripts/compose_check.py --pip-settings "$settings" --ca-pem "$ca" "${args[@]}" "$@"

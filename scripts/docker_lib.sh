@@ -122,3 +122,17 @@ pip_local_paths() {
     done
   done | sort -u
 }
+
+# The CA certificates a build must trust, as PEM text for the PIP_CA_PEM build argument: pip's CA file when small,
+# else Debian's local additions (/usr/local/share/ca-certificates, which update-ca-certificates appends to the
+# system bundle): a build argument must stay under the kernel's 128 KiB limit for one argument.
+pip_ca_pem() {
+  local cert
+  cert=$(pip_settings | sed -n 's/^PIP_CERT=//p')
+  [ -n "$cert" ] && [ -f "$cert" ] || return 0
+  if [ "$(stat -c %s "$cert")" -lt 64000 ]; then
+    cat "$cert"
+  else
+    find /usr/local/share/ca-certificates -name '*.crt' -type f 2>/dev/null | sort | xargs -r cat
+  fi
+}

@@ -21,16 +21,7 @@ ensure_docker_engine
 build_args=()
 while IFS= read -r kv; do
   case "$kv" in
-    PIP_CERT=*) build_args+=(--build-arg "PIP_CA_PEM=$(python3 - "${kv#PIP_CERT=}" <<'PY'
-import sys
-from pathlib import Path
-cert = Path(sys.argv[1])
-if cert.stat().st_size < 64_000:
-    print(cert.read_text())
-else:  # the system bundle: pass Debian's local additions only (a build argument must stay small)
-    print("".join(p.read_text() for p in sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))))
-PY
-)") ;;
+    PIP_CERT=*) build_args+=(--build-arg "PIP_CA_PEM=$(pip_ca_pem)") ;;
     PIP_FIND_LINKS=*) ;;  # local folders cannot reach a build; the GPU image takes everything from the index
     *) build_args+=(--build-arg "$kv") ;;
   esac

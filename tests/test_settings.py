@@ -10,13 +10,19 @@ from rbr_model.stack import StackSettings, build_rm
 from service.settings import Settings
 
 
-def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
-    monkeypatch.setenv("RBR_RM_ENGINE", "vllm")
-    monkeypatch.setenv("RBR_RM_MODEL", "/models/rm")
-    monkeypatch.setenv("RBR_RM_GPU_MEMORY_UTILIZATION", "0.3")
+def settings_error(monkeypatch, **env: str) -> str:
+    """Set `env` and return the validation error the settings raise."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(ValidationError) as err:
         Settings()
-    assert "RBR_GPU_MEMORY_UTILIZATION (0.85) + RBR_RM_GPU_MEMORY_UTILIZATION (0.3) exceed 1" in str(err.value)
+    return str(err.value)
+
+
+def test_grader_and_in_process_rm_must_fit_one_gpu(monkeypatch):
+    err = settings_error(monkeypatch, RBR_RM_ENGINE="vllm", RBR_RM_MODEL="/models/rm",
+                         RBR_RM_GPU_MEMORY_UTILIZATION="0.3")
+    assert "RBR_GPU_MEMORY_UTILIZATION (0.85) + RBR_RM_GPU_MEMORY_UTILIZATION (0.3) exceed 1" in err
     monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.6")
     # 0.6 + 0.3 is 0.8999999999999999 in float64: approx's default (relative 1e-6) absorbs the rounding
     assert Settings().gpu_memory_utilization + Settings().rm_gpu_memory_utilization == pytest.approx(0.9)
@@ -59,12 +65,9 @@ async def test_rm_settings_reach_the_remote_rm_engine(monkeypatch):
 
 
 def test_the_heads_engine_counts_in_the_gpu_share(monkeypatch):
-    monkeypatch.setenv("RBR_HEADS", "auto")  # the serving default (the test run sets none)
-    monkeypatch.setenv("RBR_GPU_MEMORY_UTILIZATION", "0.9")
-    monkeypatch.setenv("RBR_HEADS_GPU_MEMORY_UTILIZATION", "0.2")
-    with pytest.raises(ValidationError) as err:
-        Settings()
-    assert "RBR_GPU_MEMORY_UTILIZATION (0.9) + RBR_HEADS_GPU_MEMORY_UTILIZATION (0.2) exceed 1" in str(err.value)
+    err = settings_error(monkeypatch, RBR_HEADS="auto",  # the serving default (the test run sets none)
+                         RBR_GPU_MEMORY_UTILIZATION="0.9", RBR_HEADS_GPU_MEMORY_UTILIZATION="0.2")
+    assert "RBR_GPU_MEMORY_UTILIZATION (0.9) + RBR_HEADS_GPU_MEMORY_UTILIZATION (0.2) exceed 1" in err
     monkeypatch.setenv("RBR_HEADS_GPU_MEMORY_UTILIZATION", "0.1")
     assert Settings().heads_gpu_memory_utilization == 0.1
     monkeypatch.setenv("RBR_RM_ENGINE", "vllm")  # three engines in process: 0.9 + 0.1 + 0.1
