@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from rbr_model.evaluate import binary_metrics
 from rbr_model.files import read_json
+from rbr_model.metrics import binary_metrics
 
 METHOD = "platt-logit-1"  # part of the fingerprint: bump if the formula or the clipping changes
 P_EPS = 1e-6  # P(yes) is clipped to [eps, 1 - eps] before the logit

@@ -32,6 +32,7 @@ import numpy as np
 
 from rbr_model.aio import gather_or_cancel
 from rbr_model.features import CLASS_PREFIX, FeatureBuilder
+from rbr_model.metrics import percentile_intervals
 from rbr_model.policy import Policy
 from rbr_model.prompt_set import SynthPrompt
 from rbr_model.synth import top_class
@@ -318,10 +319,7 @@ def bootstrap(rows: Sequence[Graded], spec: MetricSpec, n: int = 1000, seed: int
         for key, value in safety_metrics(sample, spec).items():
             if value is not None:
                 draws.setdefault(key, []).append(value)
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    keys = safety_metrics(rows, spec).keys()
-    return {k: ([float(np.percentile(draws[k], lo)), float(np.percentile(draws[k], hi))] if draws.get(k) else None)
-            for k in keys}
+    return percentile_intervals(draws, safety_metrics(rows, spec).keys(), level)
 
 
 def class_mix(rows: Sequence[Graded], class_order: Sequence[str]) -> dict[str, dict[str, Any]]:

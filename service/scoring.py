@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from rbr_model.errors import PromptError
 from rbr_model.features import CLASS_PREFIX
-from rbr_model.grading.prompts import PromptError
 from rbr_model.policy import Policy
 from rbr_model.reward import RewardModel
 from service.cache import FeatureCache, cache_key

@@ -15,19 +15,8 @@ from reference import GOLD, OPENAI_YAML, needs_reference
 from typer.testing import CliRunner
 
 from rbr_model.calibration import Calibration, CalibrationError, PlattParams, cross_validate
-from rbr_model.evaluate import (
-    GoldError,
-    average_ranks,
-    binary_metrics,
-    brier_score,
-    load_gold,
-    load_label_map,
-    log_loss,
-    reliability_curve,
-    resolve_label_map,
-    roc_auc,
-    subsample,
-)
+from rbr_model.gold import GoldError, load_gold, load_label_map, resolve_label_map, subsample
+from rbr_model.metrics import average_ranks, binary_metrics, brier_score, log_loss, reliability_curve, roc_auc
 from rbr_model.policy import load_policy
 
 
@@ -351,7 +340,7 @@ async def test_evaluate_grader_on_gold_rows(grader_engine, tmp_path):
 
 
 def test_default_label_map_choice():
-    from rbr_model.evaluate import default_label_map
+    from rbr_model.gold import default_label_map
 
     ours = load_policy(None)
     packaged = load_label_map(None)

@@ -10,18 +10,17 @@ import math
 import numpy as np
 import pytest
 
-from rbr_model.evaluate import roc_auc
 from rbr_model.heads import Heads, HeadsError, build_input, packaged_heads_path
 from rbr_model.heads.evaluation import cross_validated_report
 from rbr_model.heads.fitting import (
     Task,
-    bootstrap_intervals,
     cross_validate,
     fit_heads,
     pooled_features,
     tasks_from_rows,
     tfidf_features,
 )
+from rbr_model.metrics import bootstrap_intervals, roc_auc
 from rbr_model.policy import load_policy
 
 D = 8
@@ -154,7 +153,7 @@ def test_long_conversations_are_cut_from_the_left(tokenizer):
     assert list(inp.ids[inp.start:]) == tokenizer.encode("No.", add_special_tokens=False)
     full = build_input(tokenizer, long, "No.", 4096)
     assert inp.ids == full.ids[-64:]  # the most recent context and the assistant header survive
-    from rbr_model.grading.prompts import PromptError
+    from rbr_model.errors import PromptError
 
     with pytest.raises(PromptError, match="completion: .* tokens"):
         build_input(tokenizer, CONV, "word " * 100, 50)

@@ -83,7 +83,8 @@ async def run_evaluation(
 ) -> dict[str, Any]:
     """Everything `rbr eval grader` does once it has an engine: grade, report, plot, optionally calibrate."""
     from rbr_model.calibration import Calibration, cross_validate
-    from rbr_model.evaluate import evaluate_grader, format_table, plot_report, write_json
+    from rbr_model.eval_output import format_table, plot_report, write_json
+    from rbr_model.evaluate import evaluate_grader
     from rbr_model.grading.grader import Grader
 
     grader = Grader(engine, policy, calibration=calibration)
@@ -192,7 +193,7 @@ def grader(
     reported beside every head: heads earn their forward pass only where they beat it.
     """
     from rbr_model.calibration import Calibration, CalibrationError
-    from rbr_model.evaluate import subsample
+    from rbr_model.gold import subsample
 
     if method not in ("heads", "prompt", "both"):
         raise fail(f"--method must be heads, prompt or both, not {method!r}")
@@ -255,7 +256,7 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     """Heads and the TF-IDF baseline on the gold rows: nested CV, or the heads file applied as fitted."""
     from rbr_model import models
     from rbr_model.cli.heads_cmd import file_sha256, pooled_states
-    from rbr_model.evaluate import GoldError, load_gold
+    from rbr_model.gold import GoldError, load_gold
     from rbr_model.grading.engine import GradingError
     from rbr_model.heads import Heads, HeadsError, packaged_heads_path
     from rbr_model.heads.evaluation import applied_report, cross_validated_report
@@ -314,7 +315,7 @@ def _heads_extra_rows(heads: Any) -> list:
     """The extra rows the heads were fitted on beside the gold set, so nested CV repeats their recipe; a file that
     is gone or has changed is left out, and the output says so."""
     from rbr_model.cli.heads_cmd import file_sha256
-    from rbr_model.evaluate import GoldError, load_gold
+    from rbr_model.gold import GoldError, load_gold
 
     rows: list = []
     for entry in heads.info.get("extra_rows", []):
@@ -332,7 +333,7 @@ def _heads_extra_rows(heads: Any) -> list:
 
 
 def _write_heads_report(report: dict[str, Any], out: Path) -> None:
-    from rbr_model.evaluate import write_json
+    from rbr_model.eval_output import write_json
     from rbr_model.heads.evaluation import format_report, plot_heads_report
 
     typer.echo(f"{report['mode']}, {report['rows']} rows, {report['tokens_per_row']:.0f} tokens per row")
@@ -451,7 +452,7 @@ def policy_command(
                                  max_model_len, progress)
     report = pe.build_report(rows, prompts, policy, spec, n_boot=bootstrap_n, seed=seed, per_class=per_class,
                              meta={**meta, "name": run_name, "grading": _grading_desc(service_url, heads_choice)})
-    from rbr_model.evaluate import write_json
+    from rbr_model.eval_output import write_json
 
     typer.echo(format_policy_header(run_name, prompts, samples, split))
     typer.echo(pe.format_report(report))
@@ -550,7 +551,7 @@ def compare_command(
     import json
 
     from rbr_model import policy_eval as pe
-    from rbr_model.evaluate import write_json
+    from rbr_model.eval_output import write_json
 
     labels = [n.strip() for n in names.split(",")] if names else None
     if labels is not None and len(labels) != len(runs):

@@ -39,7 +39,7 @@ def load_labelled(gold: Sequence[Path], policy_path: Path | None, map_path: Path
     """(policy, gold rows, {proposition: label}, why this map) with every problem as one clear error line.
 
     Several files are read in order and their rows joined (the label map then covers them all)."""
-    from rbr_model.evaluate import GoldError, default_label_map, load_gold, load_label_map, resolve_label_map
+    from rbr_model.gold import GoldError, default_label_map, load_gold, load_label_map, resolve_label_map
     from rbr_model.policy import PolicyError, load_policy
 
     with failing(GoldError, PolicyError):
@@ -74,8 +74,8 @@ async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_di
     from transformers import AutoTokenizer
 
     from rbr_model import models
+    from rbr_model.errors import PromptError
     from rbr_model.grading.engine import GradingError
-    from rbr_model.grading.prompts import PromptError
     from rbr_model.heads.fitting import build_inputs, extract_pooled, read_cached_states
     from rbr_model.stack import StackSettings, build_state_engine
 

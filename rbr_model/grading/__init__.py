@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rbr_model.errors import PromptError
 from rbr_model.grading.engine import Engine, GradingError, Judgment, judgment_from_logprobs
 from rbr_model.grading.grader import Calibration, GradeItem, Grader
 from rbr_model.grading.prompts import (
     DEFAULT_LAYOUT,
     LAYOUTS,
     TEMPLATE_VERSION,
-    PromptError,
     PromptRenderer,
     discover_yes_no_ids,
     grading_messages,

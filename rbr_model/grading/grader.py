@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from rbr_model.errors import PromptError
 from rbr_model.grading.engine import Engine, GradingError, Judgment
-from rbr_model.grading.prompts import DEFAULT_LAYOUT, Layout, Message, PromptError, PromptRenderer
+from rbr_model.grading.prompts import DEFAULT_LAYOUT, Layout, Message, PromptRenderer
 from rbr_model.policy import Policy
 
 # How P(yes) is read from the answer token's distribution; part of the fingerprint.

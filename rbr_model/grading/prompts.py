@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from rbr_model.errors import PromptError
 from rbr_model.policy import Example, Policy, Proposition
 
 # Bump whenever the wording or the layout logic changes: it is part of the grader fingerprint, so features
@@ -47,10 +48,6 @@ SYSTEM_INSTRUCTIONS = (
 )
 
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool"}
-
-
-class PromptError(ValueError):
-    """An item cannot be turned into a grading prompt (unknown proposition, malformed message)."""
 
 
 # ---- text blocks ----------------------------------------------------------------------------------------

@@ -17,17 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from rbr_model.evaluate import binary_metrics
 from rbr_model.heads.fitting import (
     DEFAULT_CS,
     Task,
-    bootstrap_intervals,
     cross_validate,
     fit_logreg,
     pooled_features,
     tasks_from_rows,
     tfidf_features,
 )
+from rbr_model.metrics import binary_metrics, bootstrap_intervals
 
 METHODS = ("heads", "tfidf")
 METHOD_LABELS = {"heads": "heads (trunk states)", "tfidf": "TF-IDF baseline (completion words)",

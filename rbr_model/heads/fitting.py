@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from rbr_model.heads.inputs import INPUT_VERSION, HeadInput, build_input
+from rbr_model.metrics import roc_auc
 
 DEFAULT_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 MIN_PER_CLASS = 3  # fewer labelled yes (or no) rows than this and a head is not fitted: it would be noise
@@ -69,8 +70,6 @@ def _folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarra
 
 
 def _auc(p: np.ndarray, y: np.ndarray) -> float:
-    from rbr_model.evaluate import roc_auc
-
     v = roc_auc(p, y)
     return 0.5 if v is None else v
 
@@ -171,24 +170,6 @@ def tfidf_features(texts: Sequence[str]) -> Callable[[np.ndarray, np.ndarray], t
         return vec.fit_transform([texts[i] for i in train]), vec.transform([texts[i] for i in test])
 
     return build
-
-
-def bootstrap_intervals(p: np.ndarray, y: np.ndarray, n: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile intervals of AUC, balanced accuracy and Brier over rows resampled with replacement."""
-    from rbr_model.evaluate import binary_metrics
-
-    rng = np.random.default_rng(seed)
-    keys = ("auc", "balanced_accuracy", "brier")
-    draws: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        m = binary_metrics(p[i], y[i])
-        for k in keys:
-            if m[k] is not None:
-                draws[k].append(m[k])
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None) for k, v in draws.items()}
 
 
 # ---- pooled states, extracted once ------------------------------------------------------------------------

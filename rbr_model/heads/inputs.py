@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rbr_model.grading.prompts import PromptError
+from rbr_model.errors import PromptError
 
 # Part of the heads' identity: bump when the way inputs are built changes.
 INPUT_VERSION = "chat-prefix+completion-1"
