@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ log = logging.getLogger("rbr.stack")
 ENGINE_KINDS = ("vllm", "remote")
 GPU_FRACTIONS = {"grader": "gpu_memory_utilization", "heads": "heads_gpu_memory_utilization",
                  "rm": "rm_gpu_memory_utilization"}
+GRADER_FIELDS = {"calibration_path", "grader_layout", "max_engine_requests"}  # what make_grader reads, no engine
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,15 @@ class GradingStack:
         if heads is not None and self.state_engine is None:
             raise HeadsError(f"{heads.source}: no heads engine runs here (it was built without heads)")
         return make_grader(self.settings, self.engine, policy, heads, self.state_engine)
+
+    def grader_with(self, **changes: Any) -> Grader:
+        """This stack's grader with other grader-level settings (calibration, layout, in-flight bound) on the same
+        engines: `rbr eval grader` compares the fingerprints with and without the calibration it fits."""
+        unknown = set(changes) - GRADER_FIELDS
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} change the engines, not the grader: build another stack")
+        return make_grader(replace(self.settings, **changes), self.engine, self.grader.policy, self.heads,
+                           self.state_engine)
 
     async def unhealthy(self) -> list[str]:
         """The engines that cannot take work now (readiness); never raises."""

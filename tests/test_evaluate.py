@@ -18,6 +18,7 @@ from rbr_model.calibration import Calibration, CalibrationError, PlattParams, cr
 from rbr_model.gold import GoldError, load_gold, load_label_map, resolve_label_map, subsample
 from rbr_model.metrics import average_ranks, binary_metrics, brier_score, log_loss, reliability_curve, roc_auc
 from rbr_model.policy import load_policy
+from rbr_model.stack import StackSettings, build_stack
 
 
 def _sigmoid(z):
@@ -322,8 +323,13 @@ async def test_evaluate_grader_on_gold_rows(grader_engine, tmp_path):
     rows = sorted(rows, key=lambda r: len(r["completion"]) + sum(len(m["content"]) for m in r["prompt"]))[:8]
     mapping = resolve_label_map(policy, rows, None, ["apology", "requests_information", "fully_complies"])
     lines: list[str] = []
-    report = await run_evaluation(grader_engine, policy, rows, mapping, tmp_path, calibrate_out=tmp_path / "c.json",
-                                  cv_folds=2, progress=False, echo=lines.append)
+    # The engine is handed in (shared by the tests), the grader built by the stack as for `rbr eval grader`.
+    async with await build_stack(StackSettings(heads="none"), policy, engine=grader_engine) as stack:
+        report = await run_evaluation(stack, rows, mapping, tmp_path, calibrate_out=tmp_path / "c.json", cv_folds=2,
+                                      progress=False, echo=lines.append)
+        calibrated = stack.grader_with(calibration_path=str(tmp_path / "c.json")).fingerprint
+    assert stack.owned == [] and await grader_engine.health()  # the handed-in engine stays open
+    assert report["calibration"]["grader_fingerprint"] == calibrated != report["grader"]["fingerprint"]
     assert report["judgments"] == 24 and report["failed"] == 0
     for name, pr in report["predictions"].items():
         assert len(pr["p"]) == 8 and all(0.0 <= v <= 1.0 for v in pr["p"]), name

@@ -49,6 +49,11 @@ async def test_a_stack_closes_what_it_built_and_remote_engines_are_never_gone():
     # Servers that do not answer: not ready, named; but they may come back, so liveness stays up.
     assert await stack.unhealthy() == ["the grader engine", "the reward model engine"]
     assert await stack.gone() == []
+    # Another grader on the same engines: grader-level settings only.
+    other = stack.grader_with(grader_layout="conversation_first")
+    assert other.engine is stack.engine and other.fingerprint != stack.grader.fingerprint
+    with pytest.raises(ValueError, match="remote_url"):
+        stack.grader_with(remote_url=_dead_url())
     await stack.close()
     assert not await stack.engine.health()  # closed
     assert not handed._closed and not handed._client.is_closed  # handed in: the caller's to close

@@ -66,13 +66,11 @@ def format_cv(cv: Mapping[str, Any]) -> str:
 
 
 async def run_evaluation(
-    engine: Any,
-    policy: Any,
+    stack: Any,
     rows: Sequence[Mapping[str, Any]],
     label_map: Mapping[str, str],
     out: Path,
     *,
-    calibration: Any = None,
     calibrate_out: Path | None = None,
     cv_folds: int = 5,
     seed: int = 0,
@@ -81,13 +79,14 @@ async def run_evaluation(
     gold_path: str | None = None,
     echo: Callable[[str], None] = typer.echo,
 ) -> dict[str, Any]:
-    """Everything `rbr eval grader` does once it has an engine: grade, report, plot, optionally calibrate."""
+    """Everything `rbr eval grader` does once its grading stack runs: grade with the stack's grader, report,
+    plot, optionally fit a calibration (graders with and without it come from the same stack)."""
     from rbr_model.calibration import Calibration, cross_validate
     from rbr_model.eval_output import format_table, plot_report, write_json
     from rbr_model.evaluate import evaluate_grader
-    from rbr_model.grading.grader import Grader
 
-    grader = Grader(engine, policy, calibration=calibration)
+    grader = stack.grader
+    policy = grader.policy
     report = await evaluate_grader(grader, rows, label_map, concurrency=concurrency, progress=progress)
     report["gold"] = {"path": gold_path, "rows": len(rows), "seed": seed}
     echo(format_table(report))
@@ -108,9 +107,9 @@ async def run_evaluation(
         echo(f"\ncalibration, {cv_folds}-fold cross-validation on these rows (before > after):")
         echo(format_cv(cv))
         echo(cv["note"])
-        uncalibrated = Grader(engine, policy)
+        uncalibrated = stack.grader_with(calibration_path=None)
         fitted = Calibration(fitted_for={
-            "model_id": engine.model_id,
+            "model_id": stack.engine.model_id,
             "template": uncalibrated.renderer.version,
             "grader_fingerprint_uncalibrated": uncalibrated.fingerprint,
             "policy": policy.short_version,
@@ -118,7 +117,7 @@ async def run_evaluation(
             "rows": len(rows),
         }).fit(raw, ys)
         fitted.save(calibrate_out)
-        calibrated_grader = Grader(engine, policy, calibration=fitted)
+        calibrated_grader = stack.grader_with(calibration_path=str(calibrate_out))
         report["calibration"] = {
             "path": str(calibrate_out),
             "fingerprint": fitted.fingerprint,
@@ -201,7 +200,8 @@ def grader(
         raise fail("--calibrate-out and --calibration apply to the prompted grader: add --method prompt or both")
     settings = stack_settings(engine=engine, remote_url=remote_url, remote_model=remote_model,
                               remote_api_key=os.environ.get("RBR_REMOTE_API_KEY") or None,
-                              max_model_len=max_model_len, heads="none")
+                              max_model_len=max_model_len, heads="none",
+                              calibration_path=str(calibration_path) if calibration_path is not None else None)
     from rbr_model.cli.heads_cmd import load_labelled
 
     policy, rows, mapping, why = load_labelled([gold], policy_path, map_path, _split(propositions))
@@ -235,9 +235,8 @@ def grader(
 
     async def main() -> dict[str, Any]:
         async with await build_stack(replace(settings, grader_model=model), policy) as stack:
-            return await run_evaluation(stack.engine, policy, rows, mapping, out, calibration=calibration,
-                                        calibrate_out=calibrate_out, cv_folds=cv_folds, seed=seed,
-                                        concurrency=concurrency, progress=progress, gold_path=str(gold))
+            return await run_evaluation(stack, rows, mapping, out, calibrate_out=calibrate_out, cv_folds=cv_folds,
+                                        seed=seed, concurrency=concurrency, progress=progress, gold_path=str(gold))
 
     try:
         prompt_report = asyncio.run(main())
