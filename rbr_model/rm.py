@@ -143,7 +143,7 @@ class VLLMRMEngine(AsyncLLMOwner, RMEngine):
             raise RMError(f"the in-process RM engine needs vLLM: {exc}") from exc
         from rbr_model.grading.vllm_engine import cpu_engine_env
 
-        cpu_engine_env()
+        engine_kwargs = {**cpu_engine_env(), **engine_kwargs}
         self.model_path = str(model_path)
         self.model_id = served_model_name or self.model_path
         self.max_model_len = max_model_len

@@ -37,13 +37,14 @@ README_ITEM = {"prompt": "How do I pick a lock?", "completion": "Sorry, I cannot
 class Check:
     """Records one line per check: name, ok/FAIL, what was measured, seconds it took."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "compose-check") -> None:
+        self.prefix = prefix
         self.lines: list[tuple[str, bool, str, float]] = []
 
     def record(self, name: str, ok: bool, detail: str, started: float) -> bool:
         took = time.monotonic() - started
         self.lines.append((name, ok, detail, took))
-        print(f"[compose-check] {'ok  ' if ok else 'FAIL'} {name}: {detail} ({took:.0f} s)", flush=True)
+        print(f"[{self.prefix}] {'ok  ' if ok else 'FAIL'} {name}: {detail} ({took:.0f} s)", flush=True)
         return ok
 
     def summary(self) -> str:
@@ -207,6 +208,12 @@ class Compose:
 
 def inspect(container: str, fmt: str) -> str:
     return sh("docker", "inspect", "-f", fmt, container, check=False).stdout.strip()
+
+
+def process_uids(container: str) -> set[str]:
+    """The uid of every process in the container (`docker top` needs the pid column to list them)."""
+    top = sh("docker", "top", container, "-eo", "uid,pid", check=False).stdout.splitlines()[1:]
+    return {line.split()[0] for line in top}
 
 
 def wait_healthy(container: str, timeout_s: float) -> str:
@@ -427,8 +434,7 @@ def run_checks(compose: Compose, checks: Check, api: str, prom: str, ports: dict
     user = inspect(service, "{{.Config.User}}")
     ro = inspect(service, "{{.HostConfig.ReadonlyRootfs}}")
     caps = inspect(service, "{{json .HostConfig.CapDrop}}")
-    top_uids = sh("docker", "top", service, "-eo", "uid,pid", check=False).stdout.splitlines()[1:]
-    uids = {line.split()[0] for line in top_uids}
+    uids = process_uids(service)
     hardened = user == "10001" and ro == "true" and "ALL" in caps and uids == {"10001"}
     checks.record("hardening", hardened, f"user {user}, process uids {sorted(uids)}, read-only root {ro}, "
                   f"cap_drop {caps}", t)

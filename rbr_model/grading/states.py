@@ -94,7 +94,7 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
         from rbr_model import models
         from rbr_model.grading.vllm_engine import cpu_engine_env
 
-        cpu_engine_env()
+        machine_args = cpu_engine_env()
         self.path = str(trunk)
         self.model_hash = model_hash or models.model_hash(trunk)
         self.model_id = model_id or Path(self.path.rstrip("/")).name
@@ -109,6 +109,7 @@ class VLLMStateEngine(AsyncLLMOwner, StateEngine):
         )
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(machine_args)
         kwargs.update(engine_kwargs or {})
         try:
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,8 @@ from rbr_model.aio import gather_or_cancel
 from rbr_model.grading.engine import Engine, GradingError, Judgment, judgment_from_logprobs
 from rbr_model.grading.prompts import discover_yes_no_ids, tokenizer_encoder
 from rbr_model.lifecycle import AsyncLLMOwner
+
+log = logging.getLogger(__name__)
 
 
 def _on_gpu() -> bool:
@@ -56,16 +60,26 @@ def default_dtype() -> str:
 CPU_BLOCK_SIZE = 32
 
 
-def cpu_engine_env() -> None:
-    """Environment defaults for vLLM's CPU backend on small machines; never overrides a setting.
+# What vLLM's default message queues take of /dev/shm per CPU engine (rbr_model/grading/small_shm.py), times the
+# three engines one process may run (grader, heads trunk, RM). Below it, the queues are shrunk.
+DEFAULT_QUEUES_SHM_BYTES = 3 * 10 * (16 + 24) * 1024 * 1024
+SMALL_SHM_CHUNK_MB = "1"
+SMALL_SHM_EXTENSION = "rbr_model.grading.small_shm.SmallShmQueues"
+_small_shm_warned = False
+
+
+def cpu_engine_env(shm_path: str = "/dev/shm") -> dict[str, Any]:
+    """Environment defaults for vLLM's CPU backend on small machines; never overrides a setting. Returns the
+    engine arguments the machine calls for (merged before the caller's own).
 
     vLLM reserves one core for its scheduler by default, which halves the compute threads on 2 cores; letting the
     worker use every core gives it both (the scheduler is mostly idle while the worker computes).
     The KV cache size default fails vLLM's memory check on small machines, so 1 GiB unless set.
     No torch.compile unless asked (TORCHDYNAMO_DISABLE=0): see below.
+    A /dev/shm smaller than the default queues need (Docker's 64 MiB without `--shm-size`): 1 MiB chunks.
     """
     if _on_gpu():
-        return
+        return {}
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if 0 < len(cpus) <= 4:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
@@ -74,6 +88,30 @@ def cpu_engine_env() -> None:
     # g++, Python headers and an executable /tmp at the first logprobs request, which slim images and hardened
     # containers lack. Eager: no compile pause, no consistent speed difference (benchmarks/RESULTS.md); =0 compiles.
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    return small_shm_engine_args(shm_path)
+
+
+def small_shm_engine_args(shm_path: str = "/dev/shm") -> dict[str, Any]:
+    """Shrink vLLM's shared-memory queues where /dev/shm cannot hold the defaults; otherwise nothing.
+
+    Messages over a chunk then go through vLLM's socket instead of shared memory (measured in
+    benchmarks/RESULTS.md, "Without --shm-size"). `VLLM_MQ_MAX_CHUNK_BYTES_MB`, when set, is kept.
+    """
+    global _small_shm_warned
+    try:
+        free = shutil.disk_usage(shm_path).free
+    except OSError:  # no /dev/shm at all: vLLM skips its own check too
+        return {}
+    if free >= DEFAULT_QUEUES_SHM_BYTES:
+        return {}
+    os.environ.setdefault("VLLM_MQ_MAX_CHUNK_BYTES_MB", SMALL_SHM_CHUNK_MB)
+    if not _small_shm_warned:
+        _small_shm_warned = True
+        log.warning("%s has %d MiB free, less than vLLM's default queues need (%d MiB): using %s MiB chunks "
+                    "(VLLM_MQ_MAX_CHUNK_BYTES_MB); larger messages go through a socket. For full speed give the "
+                    "container more shared memory (--shm-size 2g).", shm_path, free >> 20,
+                    DEFAULT_QUEUES_SHM_BYTES >> 20, os.environ["VLLM_MQ_MAX_CHUNK_BYTES_MB"])
+    return {"worker_extension_cls": SMALL_SHM_EXTENSION}
 
 
 class VLLMEngine(AsyncLLMOwner, Engine):
@@ -111,7 +149,7 @@ class VLLMEngine(AsyncLLMOwner, Engine):
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise GradingError(f"vLLM is not installed: {exc}") from exc
 
-        cpu_engine_env()  # before the engine core is spawned: it inherits the environment
+        machine_args = cpu_engine_env()  # before the engine core is spawned: it inherits the environment
         self.model_path = str(model)
         self.model_id = model_id or Path(self.model_path.rstrip("/")).name
         self.max_model_len = max_model_len
@@ -135,6 +173,7 @@ class VLLMEngine(AsyncLLMOwner, Engine):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if enable_prefix_caching and not _on_gpu():
             kwargs["block_size"] = CPU_BLOCK_SIZE
+        kwargs.update(machine_args)
         kwargs.update(engine_kwargs or {})
         try:
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
