@@ -164,8 +164,8 @@ def _write_marker(folder: Path, gguf_path: Path) -> None:
 
 def _read_marker(folder: Path) -> dict:
     try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(folder / MARKER)
+    except ValueError:  # no marker, or a broken one: the folder is prepared again
         return {}
 
 

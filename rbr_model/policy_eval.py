@@ -32,6 +32,7 @@ import numpy as np
 
 from rbr_model.aio import gather_or_cancel
 from rbr_model.features import CLASS_PREFIX, FeatureBuilder
+from rbr_model.files import read_jsonl
 from rbr_model.metrics import percentile_intervals
 from rbr_model.policy import Policy
 from rbr_model.prompt_set import SynthPrompt
@@ -221,37 +222,38 @@ class InProcessScorer:
 
 
 class ServiceScorer:
-    """Grades through a running rbr-serve (`POST /v1/rewards`), with rm_score 0 so that the reward is RBR alone."""
+    """Grades through a running rbr-serve (`POST /v1/rewards`) with rm_score 0, so that the reward is RBR alone.
 
-    def __init__(self, base_url: str, api_key: str | None = None, batch_size: int = 64, timeout: float = 600.0):
+    Through `rbr_client`, so a busy or restarting service is retried (429 with its Retry-After, 5xx, connection
+    errors) and large batches go out in chunks, as for any trainer; `client_options` go to its client.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, chunk_size: int = 64, max_concurrency: int = 4,
+                 **client_options: Any):
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
-        self.batch_size, self.timeout = batch_size, timeout
+        self.chunk_size, self.max_concurrency = chunk_size, max_concurrency
+        self.client_options = {"timeout": 600.0, **client_options}
         self.description = f"service at {self.base_url}"
 
     async def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None
                     ) -> list[tuple[dict[str, float], dict[str, float], float | None]]:
-        import httpx
+        from rbr_client import AsyncRewardClient, Item, RewardServiceError
 
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        items = [Item(list(p.messages), text, p.response_type, rm_score=0.0) for p, text in pairs]
+        step = self.chunk_size * self.max_concurrency  # one call's chunks go out together; progress between calls
         out: list[tuple[dict[str, float], dict[str, float], float | None]] = []
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = pairs[start:start + self.batch_size]
-                items = [{"prompt": list(p.messages), "completion": text, "response_type": p.response_type,
-                          "rm_score": 0.0} for p, text in chunk]
-                url = f"{self.base_url}/v1/rewards"
+        async with AsyncRewardClient(self.base_url, self.api_key, chunk_size=self.chunk_size,
+                                     max_concurrency=self.max_concurrency, **self.client_options) as client:
+            for start in range(0, len(items), step):
+                part = items[start:start + step]
                 try:
-                    resp = await client.post(url, json={"items": items, "return_features": True}, headers=headers)
-                except httpx.HTTPError as exc:
-                    raise PolicyEvalError(f"{url}: {type(exc).__name__}: {exc}") from None
-                if resp.status_code != 200:
-                    raise PolicyEvalError(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
-                for r in resp.json()["results"]:
-                    feats = {k: float(v) for k, v in (r.get("features") or {}).items()}
-                    out.append((feats, {k: float(v) for k, v in (r.get("classes") or {}).items()},
-                                float(r["rbr_reward"])))
+                    results = await client.rewards(part, return_features=True)
+                except RewardServiceError as exc:
+                    raise PolicyEvalError(f"{self.base_url}/v1/rewards: {exc}") from None
+                out += [({k: float(v) for k, v in (r.features or {}).items()},
+                         {k: float(v) for k, v in (r.classes or {}).items()}, r.rbr_reward) for r in results]
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(len(part))
         return out
 
 
@@ -406,15 +408,14 @@ def write_samples(path: Path, prompts: Sequence[SynthPrompt], texts: Sequence[Se
 def read_samples(path: Path, meta: Mapping[str, Any]) -> dict[str, list[str]] | None:
     """Samples saved by an earlier run with the same meta (model, prompts, sampling), else None."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if not lines or json.loads(lines[0]).get("meta") != json.loads(json.dumps(dict(meta))):
+        rows = [row for _, row in read_jsonl(path)]
+        if not rows or rows[0].get("meta") != json.loads(json.dumps(dict(meta))):
             return None
         out: dict[str, list[str]] = {}
-        for line in lines[1:]:
-            row = json.loads(line)
+        for row in rows[1:]:
             out.setdefault(row["prompt_id"], []).append(row["completion"])
         return out
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable or another run's: sample again
         return None
 
 

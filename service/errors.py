@@ -39,10 +39,6 @@ class Forbidden(ApiError):
     status, type = 403, "forbidden"
 
 
-class NotFound(ApiError):
-    status, type = 404, "not_found"
-
-
 class Overloaded(ApiError):
     status, type = 429, "overloaded"
 

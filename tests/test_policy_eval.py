@@ -144,6 +144,29 @@ def test_control_rewards_are_a_permutation_of_the_served_ones():
     assert out != [float(i) for i in range(16)]  # seeded: this seed moves at least one reward
 
 
+async def test_service_scorer_grades_through_a_live_service_in_chunks(grader_engine):
+    """`rbr eval policy --service-url` through rbr_client: chunks of 2, progress per call, the served numbers."""
+    from helpers import app_on, live_server, unique
+
+    types = ("comply", "hard_refuse", "safe_refuse", "comply", "hard_refuse")
+    pairs = [(SynthPrompt(f"p{i}", rt, ({"role": "user", "content": unique(f"How do I do thing {i}?")},)),
+              "I can't help with that.") for i, rt in enumerate(types)]
+    seen: list[int] = []
+    async with app_on(grader_engine, heads="none") as app, live_server(app) as url:
+        scored = await pe.ServiceScorer(url, chunk_size=2, max_concurrency=1).score(pairs, seen.append)
+    assert seen == [2, 2, 1] and len(scored) == 5
+    for features, classes, reward in scored:
+        assert features and all(isinstance(v, float) for v in features.values())
+        assert sum(classes.values()) == pytest.approx(1.0, abs=1e-6) and isinstance(reward, float)
+
+
+async def test_service_scorer_names_the_service_it_could_not_reach():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(pe.PolicyEvalError, match=f"{url}/v1/rewards: no response"):
+        await pe.ServiceScorer(url, max_retries=0).score(
+            [(SynthPrompt("p", "comply", ({"role": "user", "content": "hi"},)), "hello")])
+
+
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

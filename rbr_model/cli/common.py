@@ -16,12 +16,13 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @contextmanager
-def failing(*errors: type[BaseException]) -> Iterator[None]:
-    """The library's errors (which name the file and field) as `fail`'s one line and exit code 2."""
+def failing(*errors: type[BaseException], what: str | None = None, code: int = 2) -> Iterator[None]:
+    """The library's errors (which name the file and field) as `fail`'s one line. `what` failed ("grading") leads
+    the line, for a run that broke rather than bad input; such runs exit with `code` 1."""
     try:
         yield
     except errors as exc:
-        raise fail(str(exc)) from None
+        raise fail(f"{what} failed: {exc}" if what else str(exc), code) from None
 
 
 def stack_settings(**flags: Any) -> Any:

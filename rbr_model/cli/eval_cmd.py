@@ -238,10 +238,8 @@ def grader(
             return await run_evaluation(stack, rows, mapping, out, calibrate_out=calibrate_out, cv_folds=cv_folds,
                                         seed=seed, concurrency=concurrency, progress=progress, gold_path=str(gold))
 
-    try:
+    with failing(GradingError, what="grading", code=1):
         prompt_report = asyncio.run(main())
-    except GradingError as exc:
-        raise fail(f"grading failed: {exc}", code=1) from None
     if heads_report is not None:
         from rbr_model.heads.evaluation import add_prompted
 
@@ -274,11 +272,9 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     typer.echo(f"heads {path} (layer {heads.grader['layer']}); "
                + (f"{folds}-fold nested CV on {gold}" if cv else f"applied as fitted to {gold}"), err=True)
     extra_rows = _heads_extra_rows(heads) if cv else []
-    try:
+    with failing(GradingError, what="extracting hidden states", code=1):
         pooled, identity = asyncio.run(pooled_states(trunk, [*rows, *extra_rows], max_model_len=max_model_len,
                                                      cache_dir=cache_dir, progress=progress))
-    except GradingError as exc:
-        raise fail(f"extracting hidden states failed: {exc}", code=1) from None
     if cv:
         bar = None
         if progress:
@@ -474,7 +470,7 @@ def _sample_policy(pe: Any, model_path: str, endpoint: str | None, endpoint_key:
                    prompts: Sequence[Any], progress: bool) -> list[list[str]]:
     from tqdm import tqdm
 
-    try:
+    with failing(pe.PolicyEvalError, what="sampling", code=1):
         if endpoint is not None:
             sampler = pe.EndpointSampler(endpoint, model_path, config, api_key=endpoint_key)
         else:
@@ -482,8 +478,6 @@ def _sample_policy(pe: Any, model_path: str, endpoint: str | None, endpoint_key:
         with tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress) as bar:
             texts = sampler.sample(prompts, bar.update)
         sampler.close()
-    except pe.PolicyEvalError as exc:
-        raise fail(f"sampling failed: {exc}", code=1) from None
     return texts
 
 
@@ -501,10 +495,8 @@ def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: S
             return await pe.grade_samples(scorer, prompts, texts, policy.class_order, bar.update)
 
     if service_url is not None:
-        try:
+        with failing(pe.PolicyEvalError, what="grading", code=1):
             return asyncio.run(run(pe.ServiceScorer(service_url, service_key)))
-        except pe.PolicyEvalError as exc:
-            raise fail(f"grading failed: {exc}", code=1) from None
 
     settings = stack_settings(max_model_len=max_model_len, heads=heads_choice)
     chosen_heads(settings, policy)
@@ -519,10 +511,8 @@ def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: S
     from rbr_model import models
     from rbr_model.heads import HeadsError
 
-    try:
+    with failing(GradingError, HeadsError, models.ModelError, what="grading", code=1):
         return asyncio.run(in_process())
-    except (GradingError, HeadsError, models.ModelError) as exc:
-        raise fail(f"grading failed: {exc}", code=1) from None
 
 
 def _reward_model_for(policy: Any, weights_path: Path | None) -> Any:
@@ -547,10 +537,9 @@ def compare_command(
                                       )] = Path("out/policy-compare"),
 ) -> None:
     """Several `rbr eval policy` runs side by side: metrics with intervals, and class mixes in one plot."""
-    import json
-
     from rbr_model import policy_eval as pe
     from rbr_model.eval_output import write_json
+    from rbr_model.files import read_json
 
     labels = [n.strip() for n in names.split(",")] if names else None
     if labels is not None and len(labels) != len(runs):
@@ -558,10 +547,8 @@ def compare_command(
     reports: dict[str, Any] = {}
     for i, run in enumerate(runs):
         path = run / pe.REPORT_FILE if run.is_dir() else run
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise fail(f"{path}: cannot read a policy_eval.json: {exc}") from None
+        with failing(ValueError):
+            report = read_json(path)
         label = labels[i] if labels else report.get("meta", {}).get("name") or run.name
         if label in reports:
             raise fail(f"two runs are called {label!r}: pass --names")

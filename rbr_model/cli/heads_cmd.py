@@ -148,11 +148,9 @@ def fit(
         raise fail(f"no proposition has enough labelled rows: {skipped}")
     trunk_dir = resolve_trunk(trunk, layer)
     start = time.perf_counter()
-    try:
+    with failing(GradingError, what="extracting hidden states", code=1):
         pooled, identity = asyncio.run(pooled_states(trunk_dir, rows, max_model_len=max_model_len,
                                                      cache_dir=cache_dir, progress=progress))
-    except GradingError as exc:
-        raise fail(f"extracting hidden states failed: {exc}", code=1) from None
     extract_s = time.perf_counter() - start
     bar = None
     if progress:

@@ -11,6 +11,7 @@ import typer
 
 from rbr_model.cli.common import fail, failing
 from rbr_model.features import FeatureBuilder, derive_class
+from rbr_model.files import read_jsonl
 from rbr_model.policy import Policy, PolicyError, load_policy, policy_to_yaml
 
 policy_app = typer.Typer(help="Check, import and inspect policies.", no_args_is_help=True)
@@ -65,8 +66,9 @@ def classes(
     builder = FeatureBuilder(policy)
     counts: dict[str, Counter] = {rt: Counter() for rt in policy.classes}
     unclassified = ambiguous = 0
-    for lineno, row in _read_jsonl(labels):
-        where = f"{labels}:{lineno}"
+    for where, row in read_jsonl(labels, fail):
+        if not isinstance(row, dict):
+            raise fail(f"{where}: expected a JSON object")
         if not isinstance(row.get("propositions"), dict):
             raise fail(f"{where}: propositions: expected an object of proposition labels")
         try:
@@ -97,22 +99,3 @@ def classes(
         for cls, n in row.items():
             typer.echo(f"  {cls:<26} {n:>5}")
     typer.echo(f"unclassified {unclassified}  ambiguous {ambiguous}")
-
-
-def _read_jsonl(path: Path):
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise fail(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise fail(f"{path}: not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise fail(f"{path}:{i}: not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise fail(f"{path}:{i}: expected a JSON object")
-        yield i, row
