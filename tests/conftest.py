@@ -27,6 +27,8 @@ from redis_server import RedisServer
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# The models setup.sh prepared (scripts/env.sh sets the same), not the per-user cache, when pytest runs bare.
+os.environ.setdefault("RBR_MODELS_DIR", str(ROOT / "models"))
 
 from rbr_model.grading.engine import Engine, GradingError, Judgment  # noqa: E402
 from rbr_model.grading.vllm_engine import cpu_engine_env  # noqa: E402

@@ -372,6 +372,16 @@ def test_models_dir_honours_the_environment(monkeypatch, tmp_path):
     assert not models.is_prepared()
 
 
+def test_models_dir_defaults_to_the_user_cache_not_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("RBR_MODELS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.models_dir() == tmp_path / "xdg" / "rbr-serve" / "models"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.models_dir() == tmp_path / "home" / ".cache" / "rbr-serve" / "models"
+
+
 def test_gguf_is_found_without_importing_the_package():
     import sys
 

