@@ -19,6 +19,12 @@ exponential backoff and full jitter; any other 4xx raises `RewardServiceError` a
 error type, message and field. Batches above `chunk_size` items go out as several requests; results come back in
 input order.
 
+Several replicas without a load balancer (bare metal, docker compose): give every URL, as a list or one
+comma-separated string. Requests take the URLs in turn; a connection error or a 503 moves a request to the next
+URL at once, within the same `max_retries`, and the failed URL is skipped for `failover_cooldown` seconds::
+
+    rbr = RewardClient("http://10.0.0.1:8000,http://10.0.0.2:8000")   # the adapters take the same
+
 TRL (GRPOTrainer)::
 
     from rbr_client import trl_reward_func

@@ -17,6 +17,16 @@ import httpx
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 RETRY_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+FAILOVER_STATUSES = frozenset({503})  # with several base URLs, these (and transport errors) move to the next one
+
+
+def base_urls(base_url: str | Sequence[str]) -> list[str]:
+    """One or several base URLs: a list, or a comma-separated string; trailing slashes dropped, order kept."""
+    parts = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    urls = [str(u).strip().rstrip("/") for u in parts if str(u).strip()]
+    if not urls:
+        raise ValueError("base_url names no URL")
+    return urls
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 from rbr_client._wire import (
+    FAILOVER_STATUSES,
     RETRY_STATUSES,
     RETRY_TRANSPORT,
     GetRewardResult,
@@ -32,6 +34,7 @@ from rbr_client._wire import (
     _score_items,
     _transport_error,
     backoff_delay,
+    base_urls,
 )
 
 log = logging.getLogger("rbr.client")
@@ -41,18 +44,23 @@ _USER_AGENT = "rbr-serve-client/0.1"
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 120.0,
+    def __init__(self, base_url: str | Sequence[str], api_key: str | None = None, *, timeout: float = 120.0,
                  connect_timeout: float = 5.0, max_retries: int = 4, backoff_base: float = 0.5,
                  backoff_max: float = 20.0, retry_after_max: float = 60.0, chunk_size: int = 256,
-                 headers: Mapping[str, str] | None = None, rng: random.Random | None = None):
+                 failover_cooldown: float = 5.0, headers: Mapping[str, str] | None = None,
+                 rng: random.Random | None = None):
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = base_urls(base_url)
+        self.base_url = ",".join(self.base_urls)
         self.max_retries, self.chunk_size = max_retries, chunk_size
         self.backoff_base, self.backoff_max, self.retry_after_max = backoff_base, backoff_max, retry_after_max
+        self.failover_cooldown = failover_cooldown
         self._rng = rng or random.Random()
+        self._turn = itertools.count()  # round robin: next() is atomic under the GIL, so threads share it
+        self._down_until = [0.0] * len(self.base_urls)  # monotonic time before which a URL is skipped
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self._probe_timeout = httpx.Timeout(min(timeout, 10.0), connect=connect_timeout)
         self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
@@ -70,14 +78,53 @@ class _Base:
             raise _Retryable(err)
         raise err
 
-    def _next_delay(self, attempt: int, exc: Exception) -> float:
-        """The wait before retry number `attempt + 1`, or raise the final error when retries are spent."""
+    def _first(self) -> int:
+        """The URL a request starts on: the next in turn that is not marked down (the next in turn if all are)."""
+        n = len(self.base_urls)
+        start = next(self._turn) % n
+        return self._after(start - 1) if n > 1 else 0
+
+    def _after(self, index: int) -> int:
+        """The next URL after `index` not marked down; the very next one when every other is down."""
+        n, now = len(self.base_urls), time.monotonic()
+        for k in range(1, n + 1):
+            i = (index + k) % n
+            if self._down_until[i] <= now:
+                return i
+        return (index + 1) % n
+
+    def _moved(self, index: int, exc: Exception, tried: set[int]) -> tuple[int, bool]:
+        """After a failure on URL `index`: the URL to try next, and whether to try it at once.
+
+        A transport error or a 503 marks the URL down for `failover_cooldown` seconds and moves to the next one;
+        the move is immediate while this request has URLs it has not tried since it last waited (the failure
+        belongs to one replica, not to the service). Other retryable answers (429, 5xx) stay on the same URL."""
+        if len(self.base_urls) == 1:
+            return index, False
+        status = exc.error.status if isinstance(exc, _Retryable) else None
+        if isinstance(exc, _Retryable) and status not in FAILOVER_STATUSES:
+            return index, False
+        self._down_until[index] = time.monotonic() + self.failover_cooldown
+        nxt = self._after(index)
+        if nxt in tried:
+            tried.clear()
+            tried.add(nxt)
+            return nxt, False
+        tried.add(nxt)
+        return nxt, True
+
+    def _next_delay(self, attempt: int, exc: Exception, moving_to: str | None = None) -> float:
+        """The wait before retry number `attempt + 1` (none when `moving_to` another URL), or raise the final
+        error when retries are spent."""
         err = exc.error if isinstance(exc, _Retryable) else _transport_error(exc)
         err.attempts = attempt + 1
         if attempt >= self.max_retries:
             if isinstance(exc, _Retryable):
                 raise err from None
             raise err from exc
+        if moving_to is not None:
+            log.warning("rbr-serve: %s; retry %d/%d on %s", err, attempt + 1, self.max_retries, moving_to)
+            return 0.0
         if err.retry_after is not None:
             delay = min(err.retry_after, self.retry_after_max)
         else:
@@ -85,18 +132,26 @@ class _Base:
         log.warning("rbr-serve: %s; retry %d/%d in %.2fs", err, attempt + 1, self.max_retries, delay)
         return delay
 
+    def _failed(self, attempt: int, index: int, exc: Exception, tried: set[int]) -> tuple[int, float]:
+        """The URL and the wait for the next attempt after `exc` on URL `index` (raises once retries are spent)."""
+        nxt, at_once = self._moved(index, exc, tried)
+        return nxt, self._next_delay(attempt, exc, self.base_urls[nxt] if at_once else None)
+
 
 class RewardClient(_Base):
     """Blocking client (thread-safe). Use as a context manager or call `close()`.
 
-    `timeout`: read/write/pool seconds per attempt; `connect_timeout`: connect seconds; `max_retries`: retries after
-    the first attempt; `backoff_base`/`backoff_max`: full-jitter exponential backoff; `retry_after_max`: cap on an
+    `base_url`: one URL, or several (a list, or a comma-separated string) for replicas with no load balancer in
+    front: requests take them in turn, and a connection error or a 503 moves the request to the next one at once
+    (within `max_retries`), skipping the failed URL for `failover_cooldown` seconds. `timeout`: read/write/pool
+    seconds per attempt; `connect_timeout`: connect seconds; `max_retries`: retries after the first attempt;
+    `backoff_base`/`backoff_max`: full-jitter exponential backoff; `retry_after_max`: cap on an
     honoured `Retry-After`; `chunk_size`: items per request.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, **kwargs: Any):
+    def __init__(self, base_url: str | Sequence[str], api_key: str | None = None, **kwargs: Any):
         super().__init__(base_url, api_key, **kwargs)
-        self._http = httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers)
+        self._http = httpx.Client(timeout=self._timeout, headers=self._headers)
 
     def __enter__(self) -> RewardClient:
         return self
@@ -108,14 +163,16 @@ class RewardClient(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
-        attempt = 0
+        attempt, index = 0, self._first()
+        tried = {index}
         while True:
             try:
-                return self._outcome(self._http.request(method, path, json=body))
+                return self._outcome(self._http.request(method, self.base_urls[index] + path, json=body))
             except (_Retryable, *RETRY_TRANSPORT) as exc:
-                delay = self._next_delay(attempt, exc)
+                index, delay = self._failed(attempt, index, exc, tried)
             attempt += 1
-            time.sleep(delay)
+            if delay:
+                time.sleep(delay)
 
     def rewards(self, items: Sequence[Item | Mapping[str, Any]], return_features: bool = False) -> list[RewardResult]:
         """Score `items` (dicts in the `/v1/rewards` shape, or `Item`s); one result per item, in order."""
@@ -142,9 +199,12 @@ class RewardClient(_Base):
         return self._request("GET", "/v1/policy")
 
     def ready(self) -> bool:
-        """True when `/readyz` answers 200; never retries, never raises for an unreachable server."""
+        """True when `/readyz` of any base URL answers 200; never retries, never raises for an unreachable one."""
+        return any(self._ready(url) for url in self.base_urls)
+
+    def _ready(self, url: str) -> bool:
         try:
-            return self._http.get("/readyz", timeout=self._probe_timeout).status_code == 200
+            return self._http.get(url + "/readyz", timeout=self._probe_timeout).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -160,12 +220,13 @@ class RewardClient(_Base):
 class AsyncRewardClient(_Base):
     """Asyncio client, same methods as `RewardClient`; chunks of one call go out `max_concurrency` at a time."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, max_concurrency: int = 4, **kwargs: Any):
+    def __init__(self, base_url: str | Sequence[str], api_key: str | None = None, *, max_concurrency: int = 4,
+                 **kwargs: Any):
         super().__init__(base_url, api_key, **kwargs)
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.max_concurrency = max_concurrency
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, headers=self._headers)
+        self._http = httpx.AsyncClient(timeout=self._timeout, headers=self._headers)
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -177,14 +238,16 @@ class AsyncRewardClient(_Base):
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        attempt = 0
+        attempt, index = 0, self._first()
+        tried = {index}
         while True:
             try:
-                return self._outcome(await self._http.request(method, path, json=body))
+                return self._outcome(await self._http.request(method, self.base_urls[index] + path, json=body))
             except (_Retryable, *RETRY_TRANSPORT) as exc:
-                delay = self._next_delay(attempt, exc)
+                index, delay = self._failed(attempt, index, exc, tried)
             attempt += 1
-            await asyncio.sleep(delay)
+            if delay:
+                await asyncio.sleep(delay)
 
     async def _bounded(self, calls: list[Callable[[], Any]]) -> list[Any]:
         """Run the coroutine factories at most `max_concurrency` at once; results in order; first error wins."""
@@ -239,11 +302,14 @@ class AsyncRewardClient(_Base):
         return await self._request("GET", "/v1/policy")
 
     async def ready(self) -> bool:
-        """True when `/readyz` answers 200; never retries, never raises for an unreachable server."""
-        try:
-            return (await self._http.get("/readyz", timeout=self._probe_timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
+        """True when `/readyz` of any base URL answers 200; never retries, never raises for an unreachable one."""
+        for url in self.base_urls:
+            try:
+                if (await self._http.get(url + "/readyz", timeout=self._probe_timeout)).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+        return False
 
     async def wait_until_ready(self, timeout: float = 600.0, interval: float = 2.0) -> None:
         """Poll `ready()` until it holds; TimeoutError after `timeout` seconds."""
@@ -294,7 +360,7 @@ class _PerProcess:
 
 @dataclass
 class _ClientFactory:
-    base_url: str
+    base_url: str | Sequence[str]
     api_key: str | None
     kwargs: dict[str, Any]
 

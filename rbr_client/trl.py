@@ -71,7 +71,8 @@ def _trl_failed(fn: Any, name: str, n: int, exc: Exception) -> list[float | None
     return [None] * n
 
 
-def trl_reward_func(base_url: str, api_key: str | None = None, *, response_type_key: str | None = "response_type",
+def trl_reward_func(base_url: str | Sequence[str], api_key: str | None = None, *,
+                    response_type_key: str | None = "response_type",
                     rm_score_key: str | None = None, name: str = "rbr_reward", log_metrics: bool = True,
                     log_columns: bool = True, on_error: Literal["raise", "none"] = "raise",
                     asynchronous: bool = True, **client_kwargs: Any) -> Callable[..., Any]:
@@ -88,7 +89,8 @@ def trl_reward_func(base_url: str, api_key: str | None = None, *, response_type_
 
     `on_error="none"`: a batch that still fails after retries returns None per sample (TRL turns None into NaN and
     leaves this function out for those samples) instead of raising. `asynchronous=False` gives a plain function
-    for TRL versions that do not await coroutine reward functions. Other keywords configure the client.
+    for TRL versions that do not await coroutine reward functions. `base_url` may name several replicas (a list or
+    a comma-separated string): the client spreads over them and fails over. Other keywords configure the client.
     """
     if on_error not in ("raise", "none"):
         raise ValueError("on_error must be 'raise' or 'none'")

@@ -12,7 +12,7 @@ from rbr_client.client import _ClientFactory, _PerProcess
 class _VerlScorer:
     """Shared state of the veRL adapters: a per-process client and the policy's class order (fetched once)."""
 
-    def __init__(self, base_url: str, api_key: str | None, prompt_key: str, response_type_key: str,
+    def __init__(self, base_url: str | Sequence[str], api_key: str | None, prompt_key: str, response_type_key: str,
                  rm_score_key: str | None, include_classes: bool, client_kwargs: dict[str, Any]):
         self.prompt_key, self.response_type_key, self.rm_score_key = prompt_key, response_type_key, rm_score_key
         self.include_classes = include_classes
@@ -61,7 +61,7 @@ class _VerlBatch(_VerlScorer):
         return self._score([self._item(s, e) for s, e in zip(solution_strs, infos, strict=True)])
 
 
-def verl_compute_score(base_url: str, api_key: str | None = None, *, prompt_key: str = "prompt",
+def verl_compute_score(base_url: str | Sequence[str], api_key: str | None = None, *, prompt_key: str = "prompt",
                        response_type_key: str = "response_type", rm_score_key: str | None = "rm_score",
                        include_classes: bool = True, **client_kwargs: Any) -> Callable[..., dict[str, float]]:
     """veRL custom reward function: `compute_score(data_source, solution_str, ground_truth, extra_info=None)`.
@@ -71,12 +71,14 @@ def verl_compute_score(base_url: str, api_key: str | None = None, *, prompt_key:
     not used. Returns `{"score": total, "rbr_reward", "rm_score", "graded", "class_<name>" for every class in the
     policy's class order}`, the same keys for every sample. One request per call (veRL's naive manager); use
     `verl_compute_score_batch` with `reward_manager=batch` to send a whole batch at once. The callable pickles
-    without its HTTP connection, so Ray can ship it. Other keywords configure the `RewardClient`.
+    without its HTTP connection, so Ray can ship it. `base_url` may name several replicas (a list or a
+    comma-separated string), spread over and failed over as `RewardClient` does. Other keywords configure the
+    `RewardClient`.
     """
     return _VerlSingle(base_url, api_key, prompt_key, response_type_key, rm_score_key, include_classes, client_kwargs)
 
 
-def verl_compute_score_batch(base_url: str, api_key: str | None = None, *, prompt_key: str = "prompt",
+def verl_compute_score_batch(base_url: str | Sequence[str], api_key: str | None = None, *, prompt_key: str = "prompt",
                              response_type_key: str = "response_type", rm_score_key: str | None = "rm_score",
                              include_classes: bool = True, **client_kwargs: Any) -> Callable[..., list[dict]]:
     """Like `verl_compute_score` for veRL's BatchRewardManager:

@@ -142,16 +142,29 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
 
 
 @pytest.fixture
-def server():
-    script = Script()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    script.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield script
-    httpd.shutdown()
-    httpd.server_close()
+def make_server():
+    """Scripted servers on loopback, as many as a test asks for; all stopped at its end."""
+    started = []
+
+    def make() -> Script:
+        script = Script()
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+        httpd.daemon_threads = True
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        script.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        started.append(httpd)
+        return script
+
+    yield make
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
 
 
 def dead_url() -> str:
@@ -332,6 +345,109 @@ def test_policy_and_ready(server):
         assert rc.ready() is False
     with RewardClient(dead_url(), connect_timeout=0.5) as rc:
         assert rc.ready() is False
+
+
+# --- several base URLs -----------------------------------------------------------------------------------------------
+
+
+def moves(caplog) -> list[str]:
+    """The URLs the client moved to at once, from its log lines."""
+    return [m.group(1) for r in caplog.records if (m := re.search(r"retry \d+/\d+ on (\S+)", r.getMessage()))]
+
+
+def test_one_url_string_list_and_comma_forms(make_server):
+    a, b = make_server(), make_server()
+    assert RewardClient(a.url + "/").base_urls == [a.url]
+    assert RewardClient(f" {a.url}, {b.url}/ ,").base_urls == [a.url, b.url]
+    assert RewardClient([a.url, b.url]).base_url == f"{a.url},{b.url}"
+    with pytest.raises(ValueError, match="no URL"):
+        RewardClient(" , ")
+
+
+def test_requests_take_the_urls_in_turn(make_server):
+    a, b = make_server(), make_server()
+    with RewardClient(f"{a.url},{b.url}", chunk_size=1, **FAST) as rc:
+        out = rc.rewards(items(6))
+        rc.get_reward(["q1", "q2"])  # chunk_size 1: two more requests
+    assert [r.reward for r in out] == [i + 0.5 for i in range(6)]
+    assert len(a.seen) == len(b.seen) == 4
+    assert [s.body["items"][0]["rm_score"] for s in a.posts("/v1/rewards")] == [0.0, 2.0, 4.0]
+
+
+def test_a_dead_url_fails_over_at_once_and_is_skipped_while_down(make_server, caplog):
+    live = make_server()
+    dead = dead_url()
+    with caplog.at_level(logging.WARNING, logger="rbr.client"), \
+            RewardClient([dead, live.url], max_retries=1, chunk_size=1, failover_cooldown=600, connect_timeout=2,
+                         **FAST) as rc:
+        out = rc.rewards(items(5))
+    assert [r.reward for r in out] == [i + 0.5 for i in range(5)]
+    assert len(live.posts("/v1/rewards")) == 5
+    assert moves(caplog) == [live.url]  # only the first request met the dead URL; the others skipped it
+
+
+def test_503_fails_over_other_retryable_answers_stay(make_server, caplog):
+    a, b = make_server(), make_server()
+    a.push(error(503, "engine_unavailable", **{"Retry-After": "30"}))
+    with caplog.at_level(logging.WARNING, logger="rbr.client"), \
+            RewardClient([a.url, b.url], max_retries=1, retry_after_max=30, **FAST) as rc:
+        assert [r.reward for r in rc.rewards(items(2))] == [0.5, 1.5]  # not after 30 s: at once, on b
+    assert moves(caplog) == [b.url] and len(a.seen) == len(b.seen) == 1
+    a.push(error(429, "overloaded", **{"Retry-After": "0"}), error(500, "internal_error"))
+    with RewardClient([a.url, b.url], max_retries=2, **FAST) as rc:
+        rc.rewards(items(1))
+    assert len(a.seen) == 4 and len(b.seen) == 1  # 429 and 500 retried on the same replica
+
+
+def test_client_errors_never_fail_over(make_server):
+    a, b = make_server(), make_server()
+    a.push(error(422, "invalid_request", "bad", "items[0].prompt"))
+    with RewardClient([a.url, b.url], max_retries=3, **FAST) as rc, pytest.raises(RewardServiceError) as info:
+        rc.rewards(items(1))
+    assert info.value.status == 422 and info.value.attempts == 1 and b.seen == []
+
+
+def test_failover_stays_within_the_retry_budget(make_server):
+    a = make_server()
+    a.push(*[error(503, "not_ready")] * 10)
+    rc = RewardClient([dead_url(), a.url, dead_url()], max_retries=4, connect_timeout=2, failover_cooldown=600,
+                      **FAST)
+    with rc, pytest.raises(RewardServiceError) as info:
+        rc.rewards(items(1))
+    assert info.value.attempts == 5  # 1 + max_retries, however many URLs
+    # dead, a, dead (every URL once, no wait), then a wait, then dead, a: the fifth attempt is a's 503
+    assert len(a.seen) == 2 and info.value.status == 503
+
+
+def test_ready_when_any_url_is(make_server):
+    a = make_server()
+    with RewardClient([dead_url(), a.url], connect_timeout=1) as rc:
+        assert rc.ready()
+    with RewardClient([dead_url(), dead_url()], connect_timeout=1) as rc:
+        assert not rc.ready()
+
+
+async def test_async_spreads_and_fails_over(make_server, caplog):
+    a, b = make_server(), make_server()
+    async with AsyncRewardClient([a.url, b.url], chunk_size=1, max_concurrency=1, **FAST) as rc:
+        out = await rc.rewards(items(4))
+    assert [r.reward for r in out] == [i + 0.5 for i in range(4)] and len(a.seen) == len(b.seen) == 2
+    b.push(error(503, "engine_unavailable"))
+    with caplog.at_level(logging.WARNING, logger="rbr.client"):
+        async with AsyncRewardClient([b.url, a.url], max_retries=1, **FAST) as rc:
+            assert await rc.score(["p"], ["c"], ["comply"], [1.0]) == [1.5]
+            assert await rc.ready()
+    assert moves(caplog) == [a.url]
+
+
+def test_adapters_take_several_urls(make_server):
+    a, b = make_server(), make_server()
+    dead = dead_url()
+    fn = trl_reward_func(f"{dead},{a.url}", connect_timeout=2, **FAST)
+    assert asyncio.run(fn(["p"], ["c"], response_type=["comply"])) == [0.5]
+    compute_score = pickle.loads(pickle.dumps(verl_compute_score([dead, b.url], connect_timeout=2, **FAST)))
+    assert compute_score("s", "a", None, {"prompt": "q", "response_type": "comply", "rm_score": 1})["score"] == 1.5
+    assert len(a.posts("/v1/rewards")) == 1 and len(b.posts("/v1/rewards")) == 1
 
 
 # --- async client -----------------------------------------------------------------------------------------------------
