@@ -265,6 +265,7 @@ def cv_probabilities(pooled: np.ndarray, gold: Sequence[Mapping[str, Any]], rows
                      mapping: Mapping[str, str], *, folds: int = 5, seed: int = 0,
                      extra: Sequence[Mapping[str, Any]] = (), Cs: Sequence[float] | None = None,
                      progress: Callable[[int], None] | None = None, heads_fit: Callable[..., Any] | None = None,
+                     calibrate: bool = False,
                      ) -> tuple[list[dict[str, float]], list[dict[str, float]], dict[str, Any]]:
     """P(yes) from heads refitted out of fold: for each fold, heads are fitted (as `rbr heads fit` fits them) on
     the gold rows and the `extra` rows of the other folds, and predict the fold's rows of both kinds.
@@ -272,7 +273,8 @@ def cv_probabilities(pooled: np.ndarray, gold: Sequence[Mapping[str, Any]], rows
     Gold rows are folded by response type and human class (`fold_of`), extra rows by prompt (`extra_fold`).
     `pooled` holds the states of `gold` then of `extra`, in order. Propositions without a head in a fold (too
     few labels) are left out of that fold's dicts; the caller grades them another way. Returns the gold rows'
-    probabilities (in `rows` order), the extra rows' (in `extra` order) and a summary."""
+    probabilities (in `rows` order), the extra rows' (in `extra` order) and a summary. `calibrate` fits the heads
+    with their out-of-fold Platt map (`rbr_model.heads.fitting.fit_heads`), as the heads file was fitted."""
     from rbr_model.heads.fitting import DEFAULT_CS, fit_heads, tasks_from_rows
 
     if pooled.shape[0] != len(gold) + len(extra):
@@ -289,7 +291,7 @@ def cv_probabilities(pooled: np.ndarray, gold: Sequence[Mapping[str, Any]], rows
     for k in range(folds):
         train = np.flatnonzero(all_fold != k)
         tasks, _ = tasks_from_rows([all_rows[j] for j in train], mapping)
-        fitted = fit(pooled[train], tasks, Cs=Cs or DEFAULT_CS, seed=seed)
+        fitted = fit(pooled[train], tasks, Cs=Cs or DEFAULT_CS, seed=seed, calibrate=calibrate)
         names = [t.name for t in tasks]
         headed.append(set(names))
         test = [j for j in scored if all_fold[j] == k]
@@ -303,7 +305,7 @@ def cv_probabilities(pooled: np.ndarray, gold: Sequence[Mapping[str, Any]], rows
     common = set.intersection(*headed) if headed else set()
     summary = {"folds": folds, "seed": seed, "headed_in_every_fold": sorted(common),
                "fold_sizes": [int(np.sum(fold == k)) for k in range(folds)], "extra_rows": len(extra),
-               "extra": "folded by prompt: trains the other folds, scored out of fold",
+               "extra": "folded by prompt: trains the other folds, scored out of fold", "calibrated": calibrate,
                "row_folds": fold.tolist(), "extra_folds": all_fold[len(gold):].tolist()}
     return ([out[r.index] for r in rows], [out[len(gold) + i] for i in range(len(extra))], summary)
 

@@ -185,6 +185,29 @@ def test_fit_heads_recovers_a_separable_direction():
     assert np.array_equal(again["weights"], fitted["weights"])  # seeded folds, deterministic solver
 
 
+def test_calibrated_heads_keep_the_ranking_and_match_the_share_of_yes():
+    """Balanced class weights put a rare proposition's P(yes) near 0.5; the out-of-fold Platt map folded into the
+    head brings the mean P(yes) to the share of yes without changing the order of any two rows."""
+    rng = np.random.default_rng(5)
+    n = 400
+    y = rng.random(n) < 0.08
+    X = rng.normal(size=(n, D)) + np.outer(y, np.eye(D)[0]) * 1.5  # overlapping classes: probabilities matter
+    task = [Task("apology", "a", np.arange(n), y)]
+    plain = fit_heads(X, task, folds=4, calibrate=False)
+    calibrated = fit_heads(X, task, folds=4)  # the default
+
+    def predict(fitted):
+        return make_heads(propositions=["apology"], mean=fitted["mean"], scale=fitted["scale"],
+                          weights=fitted["weights"], bias=fitted["bias"]).predict(X)[:, 0]
+
+    p0, p1 = predict(plain), predict(calibrated)
+    assert p0.mean() > 2 * y.mean()  # the bias the fix is for
+    assert abs(p1.mean() - y.mean()) < 0.03  # a maximum-likelihood map on out-of-fold logits: near the rate
+    assert np.array_equal(np.argsort(p0, kind="stable"), np.argsort(p1, kind="stable"))
+    a = calibrated["metrics"]["apology"]["platt"]["a"]
+    assert a > 0 and "platt" not in plain["metrics"]["apology"]
+
+
 def test_cross_validation_is_out_of_fold_and_noise_scores_near_chance():
     X, y = separable()
     task = Task("apology", "a", np.arange(len(y)), y)

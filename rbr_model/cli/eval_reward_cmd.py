@@ -46,6 +46,9 @@ def reward(
     heads_choice: Annotated[str, typer.Option("--heads", help="In process: a heads file, `auto` (packaged) or "
                                               "`none` (prompted grader only). With --cv, the file whose recipe "
                                               "(layer, extra rows) is refitted per fold.")] = "auto",
+    calibrate: Annotated[bool | None, typer.Option("--calibrate/--no-calibrate", help="With --cv: refit the "
+                                                   "heads with (or without) their out-of-fold Platt map. Default: "
+                                                   "as the heads file was fitted.")] = None,
     extra: Annotated[list[Path] | None, typer.Option("--extra", help="With --cv: rows that join every training "
                                                      "fold and are never scored (default: the heads file's own "
                                                      "extra rows). Repeatable.")] = None,
@@ -117,7 +120,7 @@ def reward(
         probs, meta["grading"], extra_records, row_folds = _in_process(
             rev, policy, gold, gold_rows, labelled.rows, mapping, cv=cv, folds=folds, seed=seed,
             heads_choice=heads_choice, extra=extra, cache_dir=cache_dir, max_model_len=max_model_len,
-            progress=progress)
+            progress=progress, calibrate=calibrate)
     report = rev.evaluate_reward(policy, reward_model, labelled.rows, probs, served_rewards=served,
                                  n_boot=bootstrap_n, seed=seed)
     report["meta"] = meta
@@ -179,7 +182,7 @@ def _through_service(rows: Sequence[Any], policy: Any, url: str, key: str | None
 
 def _in_process(rev: Any, policy: Any, gold: Path, gold_rows: list, rows: Sequence[Any], mapping: Mapping[str, str],
                 *, cv: bool | None, folds: int, seed: int, heads_choice: str, extra: list[Path] | None,
-                cache_dir: Path | None, max_model_len: int, progress: bool
+                cache_dir: Path | None, max_model_len: int, progress: bool, calibrate: bool | None = None
                 ) -> tuple[list[dict[str, float]], str, list[dict[str, Any]], list[int] | None]:
     from rbr_model import models
     from rbr_model.cli.heads_cmd import file_sha256
@@ -200,10 +203,11 @@ def _in_process(rev: Any, policy: Any, gold: Path, gold_rows: list, rows: Sequen
     if cv:
         probs, extra_records, summary = _cv_heads(rev, heads, gold_rows, rows, mapping, folds=folds, seed=seed,
                                                   extra=extra, cache_dir=cache_dir, max_model_len=max_model_len,
-                                                  progress=progress)
+                                                  progress=progress, calibrate=calibrate)
         row_folds = summary["row_folds"]
         how = (f"{folds}-fold CV, heads refitted out of fold (layer {heads.grader['layer']}; "
-               f"{summary['extra_rows']} extra rows, folded by prompt)")
+               f"{summary['extra_rows']} extra rows, folded by prompt; "
+               f"{'calibrated' if summary['calibrated'] else 'uncalibrated'})")
     else:
         probs, how = [{} for _ in rows], f"in process, heads={heads_choice}"
     todo = [(i, [p for p in needed[i] if p not in probs[i]]) for i in range(len(rows))]
@@ -244,7 +248,8 @@ async def _grade(settings: Any, policy: Any, rows: Sequence[Any], todo: list[tup
 
 def _cv_heads(rev: Any, heads: Any, gold_rows: list, rows: Sequence[Any], mapping: Mapping[str, str], *,
               folds: int, seed: int, extra: list[Path] | None, cache_dir: Path | None, max_model_len: int,
-              progress: bool) -> tuple[list[dict[str, float]], list[dict[str, Any]], dict[str, Any]]:
+              progress: bool, calibrate: bool | None = None
+              ) -> tuple[list[dict[str, float]], list[dict[str, Any]], dict[str, Any]]:
     """Out-of-fold P(yes) of the gold rows, records of the extra rows with theirs, and the CV summary."""
     from rbr_model import models
     from rbr_model.cli.heads_cmd import load_labelled, pooled_states
@@ -265,12 +270,18 @@ def _cv_heads(rev: Any, heads: Any, gold_rows: list, rows: Sequence[Any], mappin
         raise fail(f"extracting hidden states failed: {exc}", code=1) from None
     typer.echo(f"refitting heads on {folds} folds ({len(extra_rows)} extra rows in each) ...", err=True)
     probs, extra_probs, summary = rev.cv_probabilities(pooled, gold_rows, rows, mapping, folds=folds, seed=seed,
-                                                       extra=extra_rows, Cs=heads.info.get("Cs"))
+                                                       extra=extra_rows, Cs=heads.info.get("Cs"),
+                                                       calibrate=_calibrated(heads) if calibrate is None else calibrate)
     records = [{"source": str(path), "line": n, "prompt_id": raw.get("prompt_id"), "kind": raw.get("kind"),
                 "response_type": r.get("response_type"), "labels": r["labels"], "fold": fold, "probabilities": p}
                for (path, n, raw), r, p, fold in zip(_located(extra_paths), extra_rows, extra_probs,
                                                      summary["extra_folds"], strict=True)]
     return probs, records, summary
+
+
+def _calibrated(heads: Any) -> bool:
+    """Whether a heads file was fitted with the out-of-fold Platt map (its heads' metrics record it)."""
+    return any("platt" in m for m in heads.metrics.values() if isinstance(m, dict))
 
 
 def _located(paths: Sequence[Path]) -> list[tuple[str, int, dict[str, Any]]]:

@@ -2,7 +2,9 @@
 
 A head is an L2 logistic regression on standardised pooled states, with classes weighted to balance (few
 propositions are yes on half the rows), and its inverse regularisation C chosen by stratified k-fold CV on the
-training rows only (best mean AUC; ties go to the smaller C, the stronger prior). The baseline is the same
+training rows only (best mean AUC; ties go to the smaller C, the stronger prior). `fit_heads` then calibrates each
+head on its own out-of-fold logits (a Platt map folded into the head), because the balanced weighting inflates
+the P(yes) of rare propositions and the class probabilities multiply them. The baseline is the same
 regression on TF-IDF word 1-2 grams of the completion: on data whose labels follow the words, heads must beat it
 to be worth their forward pass.
 """
@@ -85,19 +87,31 @@ class Standardiser:
         return (X - self.mean) / self.scale
 
 
-def choose_C(X: np.ndarray, y: np.ndarray, Cs: Sequence[float], folds: int, seed: int) -> tuple[float, dict]:
-    """C with the best mean CV AUC on (X, y); X is already standardised."""
+def _oof_logits(X: np.ndarray, y: np.ndarray, Cs: Sequence[float], folds: int, seed: int) -> dict[float, np.ndarray]:
+    """Per C, the out-of-fold logit of every row under stratified k-fold CV on (X, y)."""
     splits = _folds(y, folds, seed)
-    scores = {}
+    out = {}
     for C in Cs:
         oof = np.empty(len(y))
         for tr, te in splits:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence notes on tiny folds; the CV score judges the fit
-                oof[te] = _logreg(C).fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
-        scores[C] = _auc(oof, y)
-    best = max(Cs, key=lambda c: (round(scores[c], 6), -c))
-    return best, {"C": best, "cv_auc": scores[best], "cv_auc_by_C": {str(c): scores[c] for c in Cs}}
+                oof[te] = _logreg(C).fit(X[tr], y[tr]).decision_function(X[te])
+        out[C] = oof
+    return out
+
+
+def _pick_C(oof: Mapping[float, np.ndarray], y: np.ndarray) -> tuple[float, dict]:
+    from scipy.special import expit  # as LogisticRegression.predict_proba turns its logits into P(yes)
+
+    scores = {C: _auc(expit(z), y) for C, z in oof.items()}
+    best = max(scores, key=lambda c: (round(scores[c], 6), -c))
+    return best, {"C": best, "cv_auc": scores[best], "cv_auc_by_C": {str(c): scores[c] for c in scores}}
+
+
+def choose_C(X: np.ndarray, y: np.ndarray, Cs: Sequence[float], folds: int, seed: int) -> tuple[float, dict]:
+    """C with the best mean CV AUC on (X, y); X is already standardised."""
+    return _pick_C(_oof_logits(X, y, Cs, folds, seed), y)
 
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, Cs: Sequence[float], folds: int, seed: int) -> tuple[Any, dict]:
@@ -108,19 +122,48 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, Cs: Sequence[float], folds: int, se
     return model, info
 
 
+def platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, c) with P(yes) = sigmoid(a * z + c) fitted by maximum likelihood on out-of-fold logits `z` and labels
+    `y`, unweighted: the rows' own share of yes, not the balanced weighting the heads are fitted with. A slope that
+    comes out negative (the head ranks the wrong way round out of fold) becomes 0: the base rate."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1e4, max_iter=1000).fit(np.asarray(z, float).reshape(-1, 1), y)
+    a, c = float(model.coef_[0, 0]), float(model.intercept_[0])
+    if a <= 0:
+        rate = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
+        return 0.0, float(np.log(rate / (1 - rate)))
+    return a, c
+
+
 # ---- heads --------------------------------------------------------------------------------------------------
 
 
 def fit_heads(pooled: np.ndarray, tasks: Sequence[Task], *, Cs: Sequence[float] = DEFAULT_CS, folds: int = 5,
-              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Standardiser over all rows, then one head per task: {mean, scale, weights (P, D), bias (P,), metrics}."""
+              seed: int = 0, progress: Callable[[str], None] | None = None, calibrate: bool = True,
+              ) -> dict[str, Any]:
+    """Standardiser over all rows, then one head per task: {mean, scale, weights (P, D), bias (P,), metrics}.
+
+    `calibrate`: the balanced class weights push every head's P(yes) towards 0.5, far above the share of yes for
+    a rare proposition. With it, the logits the C-choosing CV predicted out of fold (for the chosen C) fit a Platt
+    map `sigmoid(a * z + c)` on the rows' own share of yes, folded into the head (weights * a, bias * a + c): the
+    same ranking, probabilities that match the labels' rates (metrics record a and c)."""
     std = Standardiser(pooled)
     Z = std(pooled)
     weights, bias, metrics = [], [], {}
     for task in tasks:
-        model, info = fit_logreg(Z[task.rows], task.y, Cs, folds, seed)
-        weights.append(model.coef_[0])
-        bias.append(float(model.intercept_[0]))
+        oof = _oof_logits(Z[task.rows], task.y, Cs, folds, seed)
+        C, info = _pick_C(oof, task.y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _logreg(C).fit(Z[task.rows], task.y)
+        w, b = model.coef_[0], float(model.intercept_[0])
+        if calibrate:
+            a, c = platt(oof[C], task.y)
+            w, b = w * a, b * a + c
+            info = {**info, "platt": {"a": a, "c": c}}
+        weights.append(w)
+        bias.append(b)
         metrics[task.name] = {"label": task.label, "n": int(len(task.y)), "positives": int(task.y.sum()), **info}
         if progress:
             progress(task.name)
