@@ -192,3 +192,29 @@ def test_command_through_a_live_service_matches_the_served_rewards(grader_engine
     assert len(rows) == 4 and all(set(r["probabilities"]) for r in rows)
     assert (out / rev.PLOT_FILE).stat().st_size > 0
     assert "pair acc" in res.output and "oracle" in res.output
+
+
+def test_ranking_rows_rank_gold_by_class_and_keep_only_certain_synthetic_pairs():
+    from rbr_model.fit import HingeFitter, validate_orderings
+
+    policy = load_policy()
+    builder = FeatureBuilder(policy)
+    orderings = rev.ranking_orderings(policy)
+    validate_orderings(orderings)  # a ranking rbr fit accepts (acyclic, names as written)
+    assert orderings["hard_refuse"]["refusal"] == ["harmful-forced"]
+    assert orderings["comply"]["ideal"] == ["minimum_acceptable_style"]
+    props = builder["hard_refuse"].propositions
+    refusing = {p: 0.0 for p in props} | {"apology": 0.9, "states_inability": 0.9}
+    complying = {p: 0.0 for p in props} | {"fully_complies": 0.95, "disallowed_content": 0.9}
+    gold = [{"response_type": "hard_refuse", "human_class": c, "fold": f, "probabilities": p}
+            for f in range(2) for c, p in (("ideal", refusing), ("disallowed_completion", complying))]
+    extra = [{"prompt_id": "h-1", "response_type": "hard_refuse", "kind": k, "fold": 0, "probabilities": p}
+             for k, p in (("refusal", refusing), ("harmful-forced", complying), ("benign", refusing))]
+    rows = rev.ranking_rows(policy, gold, extra)
+    assert [r["prompt_id"] for r in rows] == ["gold-hard_refuse-fold0"] * 2 + ["gold-hard_refuse-fold1"] * 2 + [
+        "synth-h-1-fold0"] * 2  # `benign` has no certain partner on a refuse prompt: left out
+    assert rows[0]["features"]["class:ideal"] > 0.5 and rows[1]["features"]["class:disallowed_completion"] > 0.5
+    fitter = HingeFitter(no_rm=True, heldout_fraction=0.0).fit(rows, orderings, policy)
+    assert fitter.metrics_["hard_refuse"]["train_pair_accuracy"] == 1.0
+    with pytest.raises(rev.RewardEvalError, match="fold"):
+        rev.ranking_rows(policy, [{k: v for k, v in gold[0].items() if k != "fold"}])
