@@ -25,6 +25,58 @@ def settings_problems(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+# vLLM starts each engine core with multiprocessing's spawn; this launcher runs first in that child: it asks the
+# kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG survives exec), then execs the real interpreter with
+# the same arguments. A child whose parent is already gone (rbr serve died before the prctl) exits instead.
+_LAUNCHER = """#!{python} -S
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if str(os.getppid()) != os.environ.get("RBR_SERVE_PID"):
+    sys.exit("rbr serve is gone: not starting")
+os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+"""
+
+
+def engines_die_with_this_process() -> str | None:
+    """Make the processes this one spawns (vLLM's engine cores; their workers already follow the engine core
+    through vLLM's death pipe) get SIGTERM when this process dies, even by SIGKILL, so that a killed replica
+    leaves no engine behind: outside a container nothing else reaps them. Linux only.
+
+    The kernel ties the signal to the thread that started the child: the engines start in the event loop's
+    default executor, whose threads live as long as the loop. Returns the launcher's path, or None (with a
+    warning) where it cannot work: another OS, no writable temporary folder, or one mounted noexec.
+    """
+    import atexit
+    import logging
+    import multiprocessing
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if not sys.platform.startswith("linux"):
+        return None
+    log = logging.getLogger("rbr.serve")
+    os.environ["RBR_SERVE_PID"] = str(os.getpid())
+    try:
+        folder = tempfile.mkdtemp(prefix="rbr-serve-")
+        atexit.register(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "engine-launcher")
+        with open(path, "w") as fh:
+            fh.write(_LAUNCHER.format(python=sys.executable))
+        os.chmod(path, 0o700)
+        check = subprocess.run([path, "-c", "pass"], capture_output=True, timeout=60)
+        if check.returncode != 0:
+            raise OSError(check.stderr.decode(errors="replace").strip()[-300:])
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("engine processes will outlive rbr serve if it is killed: no launcher (%s)", exc)
+        return None
+    multiprocessing.set_executable(path)
+    return path
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (RBR_HOST; default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (RBR_PORT; default 8000).")] = None,
@@ -60,5 +112,6 @@ def serve(
         raise fail(str(exc)) from None
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engines_die_with_this_process()
     uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
