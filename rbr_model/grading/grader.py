@@ -57,9 +57,9 @@ class _Flight:
 
 @dataclass
 class _Batch:
-    """One engine call for several prompts; cancelled only when no prompt of it is wanted any more."""
+    """One engine call for several prompts (or heads inputs); cancelled only when none of them is wanted any more."""
 
-    task: asyncio.Future[list[Judgment]]
+    task: asyncio.Future[Any]  # the judgments, or the heads' P(yes) rows, in the batch's order
     wanted: int
 
 
@@ -197,7 +197,7 @@ class Grader:
         rendered, head_inputs = self._prompts(items)  # all input errors surface before any engine work
         unique_inputs = list(dict.fromkeys(h for h in head_inputs if h is not None))
         unique = list(dict.fromkeys(p for per_item in rendered for _, p in per_item))
-        flights = self._join_prompts(unique) + [self._join(h) for h in unique_inputs]
+        flights = self._join_prompts(unique) + self._join_heads(unique_inputs)
         try:
             results = await asyncio.gather(*(asyncio.shield(f.task) for f in flights), return_exceptions=True)
         except asyncio.CancelledError:
@@ -239,6 +239,19 @@ class Grader:
             work.update({p: self._pick(batch, i) for i, p in enumerate(chunk)})
         return [self._join(p, work.get(p)) for p in prompts]
 
+    def _join_heads(self, inputs: Sequence[HeadInput]) -> list[_Flight]:
+        """Flights for distinct heads `inputs`; new ones go out together, `state_engine.batch_size` a call (one
+        HTTP request per batch to a remote pooling server, as prompts do)."""
+        new = [h for h in inputs if h not in self._in_flight]
+        size = max(1, int(getattr(self.state_engine, "batch_size", 1) or 1))
+        work: dict[HeadInput, Any] = {}
+        for start in range(0, len(new), size):
+            chunk = new[start : start + size]
+            if len(chunk) > 1:
+                batch = _Batch(asyncio.ensure_future(self._send_heads_batch(chunk)), wanted=len(chunk))
+                work.update({h: self._pick(batch, i) for i, h in enumerate(chunk)})
+        return [self._join(h, work.get(h)) for h in inputs]
+
     def _join(self, key: str | HeadInput, work: Any = None) -> _Flight:
         flight = self._in_flight.get(key)
         if flight is None:
@@ -276,8 +289,9 @@ class Grader:
             return judged
 
     @staticmethod
-    async def _pick(batch: _Batch, index: int) -> Judgment:
-        """One prompt's judgment out of its batch; the batch is cancelled when its last wanted prompt is."""
+    async def _pick(batch: _Batch, index: int) -> Any:
+        """One prompt's judgment (or heads row) out of its batch; the batch is cancelled when its last wanted
+        one is."""
         try:
             return (await asyncio.shield(batch.task))[index]
         except asyncio.CancelledError:
@@ -293,6 +307,12 @@ class Grader:
             self.head_requests += 1
             pooled = await self.state_engine.pooled([head_input])
             return self.heads.predict(pooled)[0]
+
+    async def _send_heads_batch(self, inputs: list[HeadInput]) -> np.ndarray:
+        """P(yes) of every head for several items: one call to the heads' engine, one row per item."""
+        async with self._sem:
+            self.head_requests += len(inputs)
+            return self.heads.predict(await self.state_engine.pooled(inputs))
 
 
 def _calibration_id(calibration: Any) -> Any:

@@ -148,11 +148,13 @@ class RemoteStateEngine(HTTPClientOwner, StateEngine):
     """A vLLM server running the trunk with `--runner pooling` (its `/pooling` endpoint, task `token_embed`).
 
     `trunk` is a local copy of the served trunk folder: its tokenizer builds the inputs and its hash is what
-    heads are checked against (the server cannot prove which weights it loaded).
+    heads are checked against (the server cannot prove which weights it loaded). `batch_size`: inputs the grader
+    sends in one `/pooling` request (one HTTP round trip and one server batch instead of one per completion).
     """
 
     def __init__(self, base_url: str, trunk: str | Path, *, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, max_model_len: int = 4096, client: httpx.AsyncClient | None = None):
+                 timeout: float = 60.0, max_model_len: int = 4096, client: httpx.AsyncClient | None = None,
+                 batch_size: int = 32):
         import json
 
         from transformers import AutoTokenizer
@@ -165,6 +167,9 @@ class RemoteStateEngine(HTTPClientOwner, StateEngine):
         self.model_id = Path(str(trunk).rstrip("/")).name
         self.model = model
         self.max_model_len = max_model_len
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.batch_size = batch_size
         self.dtype = "float32"  # what the server is asked to return; its compute dtype is the server's setting
         self.hidden_size = int(json.loads((Path(trunk) / "config.json").read_text())["hidden_size"])
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
