@@ -71,7 +71,8 @@ def engines_die_with_this_process() -> str | None:
         if check.returncode != 0:
             raise OSError(check.stderr.decode(errors="replace").strip()[-300:])
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("engine processes will outlive rbr serve if it is killed: no launcher (%s)", exc)
+        log.warning("no engine launcher (%s): outside a container, a killed rbr serve would leave its engine "
+                    "processes running", exc)
         return None
     multiprocessing.set_executable(path)
     return path
@@ -112,6 +113,7 @@ def serve(
         raise fail(str(exc)) from None
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engines_die_with_this_process()
+    if "vllm" in (settings.engine, settings.rm_engine):  # engines in child processes of this one
+        engines_die_with_this_process()
     uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
