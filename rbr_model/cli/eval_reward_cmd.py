@@ -304,3 +304,7 @@ def _clean(value: Any) -> Any:
 def _write_json(report: Mapping[str, Any], path: Path) -> Path:
     path.write_text(json.dumps(_clean(dict(report)), indent=1) + "\n", encoding="utf-8")
     return path
+
+
+if __name__ == "__main__":  # `python -m rbr_model.cli.eval_reward_cmd --gold ...`; vLLM's engine core needs the guard
+    typer.run(reward)

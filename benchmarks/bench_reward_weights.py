@@ -1,0 +1,92 @@
+"""Held-out pair accuracy of weights fitted on the ranking rows (scripts/make_ranking_rows.py), by CV over folds.
+
+The rows' features are out of fold already (`rbr eval reward --cv`). Here, for each fold k, `HingeFitter` fits
+weights on every ranking row of the other folds (gold rows ranked by human class, synthetic pairs certain by
+construction) and scores the gold rows of fold k: pair accuracy over pairs of fold-k rows whose human classes
+differ, pooled over folds, per response type; the same for the weights given with --weights (no refit), on the
+same pairs. Settings are swept so that the shipped one is chosen on this CV, not on the rows it is scored on.
+
+    python benchmarks/bench_reward_weights.py out/ranking_rows.jsonl --orderings out/ranking_orderings.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def fold_of(prompt_id: str) -> int:
+    return int(prompt_id.rsplit("-fold", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("rows", type=Path)
+    ap.add_argument("--orderings", type=Path, required=True)
+    ap.add_argument("--weights", type=Path, action="append", default=[], help="fixed weights to score too")
+    ap.add_argument("--decays", default="1e-4,1e-3,1e-2,1e-1", help="weight decays to sweep")
+    ap.add_argument("--no-synthetic", action="store_true", help="gold rows only")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    from rbr_model.fit import HingeFitter, load_orderings, load_rows
+    from rbr_model.policy import load_policy
+    from rbr_model.reward import RewardModel, Weights
+    from rbr_model.reward_eval import pair_accuracy
+
+    policy = load_policy()
+    rows = load_rows(args.rows)
+    if args.no_synthetic:
+        rows = [r for r in rows if r["prompt_id"].startswith("gold-")]
+    orderings = load_orderings(args.orderings)
+    folds = sorted({fold_of(r["prompt_id"]) for r in rows})
+    gold = [r for r in rows if r["prompt_id"].startswith("gold-")]
+
+    def score(rt: str, per_fold_weights: dict[int, np.ndarray]) -> tuple[float, int]:
+        classes = list(policy.classes[rt])
+        names = None
+        correct = total = 0.0
+        for k in folds:
+            sub = [r for r in gold if r["response_type"] == rt and fold_of(r["prompt_id"]) == k]
+            if not sub:
+                continue
+            names = names or list(sub[0]["features"])
+            x = np.array([[r["features"][n] for n in names] for r in sub])
+            reward = x @ per_fold_weights[k]
+            rank = np.array([classes.index(r["completion_label"]) for r in sub])
+            pa, n = pair_accuracy(reward, rank)
+            if n:
+                correct += pa * n
+                total += n
+        return (correct / total if total else float("nan")), int(total)
+
+    results: dict = {}
+    for decay in [float(d) for d in args.decays.split(",")]:
+        per_rt: dict[str, dict[int, np.ndarray]] = {rt: {} for rt in policy.classes}
+        for k in folds:
+            train = [r for r in rows if fold_of(r["prompt_id"]) != k]
+            fitter = HingeFitter(weight_decay=decay, no_rm=True, heldout_fraction=0.0).fit(train, orderings, policy)
+            for rt, table in fitter.weights_.weights.items():
+                names = list(next(r for r in gold if r["response_type"] == rt)["features"])
+                per_rt[rt][k] = np.array([table.get(n, 0.0) for n in names])
+        results[f"fit, weight decay {decay:g}"] = {rt: score(rt, per_rt[rt]) for rt in policy.classes}
+    for path in args.weights:
+        model = RewardModel(policy, Weights.load(path))
+        results[f"fixed {path}"] = {rt: score(rt, {k: model.weight_vector(rt) for k in folds})
+                                    for rt in policy.classes}
+    print(f"{'weights':<60} " + " ".join(f"{rt:>18}" for rt in policy.classes))
+    for name, per in results.items():
+        print(f"{name:<60} " + " ".join(f"{per[rt][0]:>10.3f} ({per[rt][1]:>5})" for rt in policy.classes))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
