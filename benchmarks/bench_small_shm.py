@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 # mode: (tmpfs size for a private /dev/shm or None for the machine's, shrink the queues in a roomy /dev/shm)
 MODES = {"default /dev/shm": (None, False), "64 MiB /dev/shm": ("64m", False),
-         "1 MiB chunks, roomy /dev/shm": (None, True)}
+         "1 MiB chunks in roomy /dev/shm": (None, True)}
 
 
 async def one_run(args) -> dict:
