@@ -40,8 +40,9 @@ _COMPLETION_SCHEMA = {
 
 
 class RewardItem(Schema):
-    prompt: str | list[Message] = Field(
-        description="The conversation before the completion: plain text (one user turn) or chat messages."
+    prompt: str | Annotated[list[Message], Field(min_length=1)] = Field(
+        description="The conversation before the completion: plain text (one user turn) or chat messages (at "
+        "least one)."
     )
     completion: Annotated[str | Message, WithJsonSchema(_COMPLETION_SCHEMA)] = Field(
         description="The assistant reply being scored: text, or one message whose role is `assistant`."
@@ -63,9 +64,10 @@ class RewardItem(Schema):
             raise ValueError("must be a finite number")
         return v
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _non_empty_prompt(cls, v: str | list[Message]) -> str | list[Message]:
+    def _non_empty_prompt(cls, v: Any) -> Any:
+        """The schema's `minItems: 1`, checked before the union so the 422 names `prompt` in one plain line."""
         if isinstance(v, list) and not v:
             raise ValueError("must hold at least one message")
         return v

@@ -155,6 +155,18 @@ def _valid_graded_cases(base_url: str) -> int:
     return len(cases)
 
 
+def test_the_schema_states_what_the_routes_check():
+    """What the fuzzer may send as valid: a prompt given as messages holds one at least (minItems, the same rule the
+    validator names the field with); the per-query lists say they must match `query` (JSON Schema cannot)."""
+    from service.protocol import OpenRLHFRequest, RewardsRequest
+
+    prompt = RewardsRequest.model_json_schema()["$defs"]["RewardItem"]["properties"]["prompt"]
+    (messages,) = [b for b in prompt["anyOf"] if b.get("type") == "array"]
+    assert messages["minItems"] == 1
+    fields = OpenRLHFRequest.model_json_schema()["properties"]
+    assert all("exactly as many as `query`" in fields[name]["description"] for name in ("prompts", "labels"))
+
+
 # ---- 2. hostile and malformed input --------------------------------------------------------------------------
 LIMITS = {"max_items": 8, "max_chars": 30_000, "max_body_bytes": 256 * 1024}
 
@@ -186,6 +198,7 @@ def hostile_cases() -> list[tuple[str, str, bytes, dict[str, str], int, str]]:
         ("query not a list", g, b'{"query": "abc"}', {}, 422, "query"),
         ("label a number", g, json.dumps({"query": [chat + "x"], "labels": [3]}).encode(), {}, 422, "labels[0]"),
         ("empty message list", r, _rewards(reward_item(prompt=[])), {}, 422, "items[0].prompt"),
+        ("more labels than queries", g, json.dumps({"query": [], "labels": [None]}).encode(), {}, 422, "labels"),
         ("unknown message role", r, _rewards(reward_item(prompt=[{"role": "wizard", "content": "x"}])), {}, 422,
          "items[0].prompt"),
         ("completion from the user", r, _rewards(reward_item(completion={"role": "user", "content": "x"})), {}, 422,
