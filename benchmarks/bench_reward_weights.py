@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", type=Path, action="append", default=[], help="fixed weights to score too")
     ap.add_argument("--decays", default="1e-4,1e-3,1e-2,1e-1", help="weight decays to sweep")
     ap.add_argument("--no-synthetic", action="store_true", help="gold rows only")
+    ap.add_argument("--prior", type=Path, help="weights the fit shrinks toward (rbr fit --prior)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -72,11 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         per_rt: dict[str, dict[int, np.ndarray]] = {rt: {} for rt in policy.classes}
         for k in folds:
             train = [r for r in rows if fold_of(r["prompt_id"]) != k]
-            fitter = HingeFitter(weight_decay=decay, no_rm=True, heldout_fraction=0.0).fit(train, orderings, policy)
+            fitter = HingeFitter(weight_decay=decay, no_rm=True, heldout_fraction=0.0,
+                                 prior=Weights.load(args.prior) if args.prior else None).fit(train, orderings, policy)
             for rt, table in fitter.weights_.weights.items():
                 names = list(next(r for r in gold if r["response_type"] == rt)["features"])
                 per_rt[rt][k] = np.array([table.get(n, 0.0) for n in names])
-        results[f"fit, weight decay {decay:g}"] = {rt: score(rt, per_rt[rt]) for rt in policy.classes}
+        name = f"fit, weight decay {decay:g}" + (f", prior {args.prior.name}" if args.prior else "")
+        results[name] = {rt: score(rt, per_rt[rt]) for rt in policy.classes}
     for path in args.weights:
         model = RewardModel(policy, Weights.load(path))
         results[f"fixed {path}"] = {rt: score(rt, {k: model.weight_vector(rt) for k in folds})

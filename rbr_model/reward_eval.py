@@ -432,17 +432,22 @@ def ranking_orderings(policy: Policy) -> dict[str, dict[str, list[str]]]:
 
 def ranking_rows(policy: Policy, gold_records: Sequence[Mapping[str, Any]],
                  extra_records: Sequence[Mapping[str, Any]] = (),
-                 classes_from: ClassProbabilities = product_classes) -> list[dict[str, Any]]:
+                 classes_from: ClassProbabilities = product_classes, missing_extra: float | None = 0.0,
+                 ) -> list[dict[str, Any]]:
     """Rows for `rbr fit` from `rbr eval reward --cv` output: every feature out of fold.
 
     Gold rows are labelled with their human class and grouped per (response type, fold), so the fitter pairs
     rows of different classes within a fold and `rbr fit`'s held-out prompts are whole folds. Extra rows whose
-    kind is in `CERTAIN_PAIRS` for their response type are grouped per prompt; the others are left out."""
+    kind is in `CERTAIN_PAIRS` for their response type are grouped per prompt; the others are left out. An extra
+    row has no probability for a proposition that had no head in its fold (the gold rows had the prompted grader
+    there); it takes `missing_extra` (None: an error)."""
     builder = FeatureBuilder(policy)
     out: list[dict[str, Any]] = []
 
-    def add(prompt_id: str, rt: str, label: str, probs: Mapping[str, float]) -> None:
+    def add(prompt_id: str, rt: str, label: str, probs: Mapping[str, float], fill: float | None = None) -> None:
         spec = builder[rt]
+        if fill is not None:
+            probs = {n: fill for n in spec.propositions} | dict(probs)
         if any(n not in probs for n in spec.propositions):
             raise RewardEvalError(f"{prompt_id}: no probability for "
                                   f"{[n for n in spec.propositions if n not in probs]}")
@@ -461,5 +466,5 @@ def ranking_rows(policy: Policy, gold_records: Sequence[Mapping[str, Any]],
         known = set(kinds) | {w for worse in kinds.values() for w in worse}
         if rt is None or rec.get("kind") not in known:
             continue
-        add(f"synth-{rec['prompt_id']}-fold{rec['fold']}", rt, rec["kind"], rec["probabilities"])
+        add(f"synth-{rec['prompt_id']}-fold{rec['fold']}", rt, rec["kind"], rec["probabilities"], missing_extra)
     return out
