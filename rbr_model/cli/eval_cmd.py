@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from rbr_model.cli.common import chosen_heads, fail, failing, stack_settings
+from rbr_model.cli.eval_reward_cmd import reward as eval_reward
 
 eval_app = typer.Typer(help="Evaluate the grader against human labels, and a policy's behaviour on held-out "
                        "prompts.", no_args_is_help=True)
@@ -557,6 +558,9 @@ def compare_command(
     write_json({"runs": reports}, out / "comparison.json")
     png = pe.plot_reports(reports, out / "comparison.png", title="policy evaluation: " + " vs ".join(reports))
     typer.echo(f"wrote {out / 'comparison.json'} and {png}")
+
+
+eval_app.command("reward")(eval_reward)  # its own module: the reward's evaluation, not the grader's
 
 
 if __name__ == "__main__":  # `python -m rbr_model.cli.eval_cmd grader ...`; vLLM's engine core needs the guard
