@@ -1,12 +1,18 @@
 """GRPO with TRL against a live rbr-serve: the policy learns from the service's rewards, end to end.
 
-The script starts `rbr serve` itself (embedded grader with the learned heads, default policy and weights, rm_score
-0 so that the reward is the RBR reward alone: no reward model runs on this CPU), trains the policy with TRL's
-`GRPOTrainer` on the *train* prompts of the packaged split (the eval prompts stay held out for `rbr eval policy`),
-logs the reward and the completion-class fractions per step, saves the trained policy and a plot, and stops the
-service.
+The script starts `rbr serve` itself (embedded grader with the learned heads, default policy and weights, and the
+embedded helpful-only reward model in the same process: `--rm vllm`; `--rm none` serves rm_score 0), trains the
+policy with TRL's `GRPOTrainer` on the *train* prompts of the packaged split (the eval prompts stay held out for
+`rbr eval policy`), logs the rewards and the completion-class fractions per step, saves the trained policy and a
+plot, and stops the service.
+
+`--reward` picks what the policy learns from, out of one service response per batch: `total` (the service's
+`reward` = rm_score + RBR, the paper's RBR+RM), `rm` (rm_score alone: the helpful-only baseline) or `rbr`
+(rbr_reward alone). All three are logged every step whichever is chosen (`rbr_reward/reward`,
+`rbr_reward/rm_score`, `rbr_reward/rbr_reward`). `--beta` is TRL's KL coefficient to the starting policy.
 
     python examples/grpo_trl.py --out out/grpo                        # the run (about an hour on 2 CPU cores)
+    python examples/grpo_trl.py --out out/grpo-rm --reward rm         # helpful-only: the RM's score alone
     python examples/grpo_trl.py --out out/grpo-control --control      # same settings, rewards shuffled in a batch
     python examples/grpo_trl.py --out /tmp/smoke --max-steps 2        # a smoke run
     rbr eval policy out/grpo/policy --out out/eval-grpo               # then evaluate on held-out prompts
@@ -32,6 +38,8 @@ from typing import Any
 import httpx
 
 DEFAULT_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct (the embedded model)"
+# --reward: which field of the service's result the policy is trained on
+REWARD_FIELDS = {"total": "reward", "rm": "rm_score", "rbr": "rbr_reward"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-generations", type=int, default=4, help="Completions per prompt (the GRPO group).")
     ap.add_argument("--max-completion-length", type=int, default=64, help="Longest completion in tokens.")
     ap.add_argument("--learning-rate", type=float, default=2e-5, help="AdamW learning rate.")
-    ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model, TRL's default).")
+    ap.add_argument("--beta", type=float, default=0.04,
+                    help="KL coefficient to the starting policy (TRL's beta; 0: no reference model, no KL term).")
+    ap.add_argument("--reward", choices=sorted(REWARD_FIELDS), default="total",
+                    help="What the policy is trained on: the served total, rm_score alone, or rbr_reward alone.")
+    ap.add_argument("--rm", choices=["vllm", "none"], default="vllm",
+                    help="The service this script starts: the embedded RM in process (vllm), or rm_score 0 (none).")
     ap.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature during training.")
     ap.add_argument("--seed", type=int, default=0, help="Seed for TRL, the data order and the control's shuffles.")
     ap.add_argument("--control", action="store_true",
@@ -63,10 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- the service ---------------------------------------------------------------------------------------------
 
 
-def start_service(port: int, log_path: Path, timeout: float = 900.0) -> tuple[subprocess.Popen, str]:
-    """`rbr serve` on loopback with the heads grader and rm_score 0; waits for /readyz."""
-    env = {**os.environ, "RBR_HEADS": "auto", "RBR_DEFAULT_RM_SCORE": "0", "RBR_HOST": "127.0.0.1",
-           "RBR_PORT": str(port)}
+def start_service(port: int, log_path: Path, timeout: float = 900.0, rm: str = "vllm") -> tuple[subprocess.Popen, str]:
+    """`rbr serve` on loopback with the heads grader and the embedded RM (or rm_score 0); waits for /readyz."""
+    env = {**os.environ, "RBR_HEADS": "auto", "RBR_HOST": "127.0.0.1", "RBR_PORT": str(port)}
+    if rm == "vllm":  # RBR_RM_MODEL unset: the embedded helpful-only RM
+        env.update(RBR_RM_ENGINE="vllm")
+        env.pop("RBR_RM_MODEL", None)
+    else:
+        env.update(RBR_RM_ENGINE="none", RBR_DEFAULT_RM_SCORE="0")
     env.pop("RBR_REDIS_URL", None)  # the in-process cache is enough for one trainer
     rbr = Path(sys.executable).with_name("rbr")
     log = log_path.open("w")
@@ -118,6 +135,27 @@ def train_dataset(split: str, seed: int) -> Any:
     return Dataset.from_list(rows)
 
 
+def chosen(reward_func: Any, which: str) -> Any:
+    """The served results' `REWARD_FIELDS[which]` for TRL, and the batch means of all three logged every step.
+
+    `reward_func` is rbr_client's TRL function: it returns the totals and keeps the batch's results, so one service
+    call gives every field; a failed batch (None per sample) passes through."""
+    field = REWARD_FIELDS[which]
+
+    async def chosen_rewards(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
+        totals = await reward_func(prompts, completions, **kwargs)
+        results = reward_func.last_results
+        if len(results) != len(totals):
+            return totals
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):  # rm_score and rbr_reward are logged by rbr_client already; the total here
+            log_metric(f"{reward_func.__name__}/reward", sum(r.reward for r in results) / len(results))
+        return [float(getattr(r, field)) for r in results]
+
+    chosen_rewards.__name__ = reward_func.__name__
+    return chosen_rewards
+
+
 def shuffled(reward_func: Any, seed: int) -> Any:
     """The control: the service's rewards for the batch, permuted so that none belongs to its completion."""
     rng = random.Random(seed)
@@ -148,7 +186,9 @@ def step_logger(path: Path, max_steps: int) -> Any:
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             ideal = logs.get("rbr_reward/class/ideal")
-            print(f"step {state.global_step}/{max_steps}  reward {logs.get('reward', float('nan')):+.3f}  "
+            parts = "  ".join(f"{k} {logs.get('rbr_reward/' + k, float('nan')):+.3f}"
+                              for k in ("reward", "rm_score", "rbr_reward"))
+            print(f"step {state.global_step}/{max_steps}  trained on {logs.get('reward', float('nan')):+.3f}  {parts}  "
                   f"ideal {ideal if ideal is not None else float('nan'):.2f}  "
                   f"{row['elapsed_s']:.0f} s", flush=True)
 
@@ -193,9 +233,13 @@ def plot_curves(log_path: Path, out: Path, title: str) -> Path | None:
         return np.convolve(np.nan_to_num(v), np.ones(k) / k, mode="valid")
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
-    served = series("rbr_reward/rbr_reward")
-    ax.plot(steps, served, alpha=0.3, color="C0")
-    ax.plot(steps[len(steps) - len(smooth(served)):], smooth(served), color="C0", label="served RBR reward")
+    for i, (key, label) in enumerate((("reward", "served total"), ("rm_score", "served rm_score"),
+                                      ("rbr_reward", "served RBR reward"))):
+        served = series(f"rbr_reward/{key}")
+        if np.isnan(served).all():
+            continue
+        ax.plot(steps, served, alpha=0.3, color=f"C{i}")
+        ax.plot(steps[len(steps) - len(smooth(served)):], smooth(served), color=f"C{i}", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward of the batch")
     ax.legend()
@@ -241,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             url = args.service_url
         else:
             print(f"starting rbr serve on port {args.port} (log: {args.out / 'service.log'})", flush=True)
-            proc, url = start_service(args.port, args.out / "service.log")
-        reward = trl_reward_func(url, response_type_key="response_type", name="rbr_reward")
+            proc, url = start_service(args.port, args.out / "service.log", rm=args.rm)
+        reward = chosen(trl_reward_func(url, response_type_key="response_type", name="rbr_reward"), args.reward)
         if args.control:
             reward = shuffled(reward, args.seed)
         batch = args.prompts_per_step * args.num_generations
@@ -268,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                    "steps": trainer.state.global_step,
                    "policy": str(policy_dir)}
         (args.out / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
-        kind = "control: rewards shuffled within each batch" if args.control else "rewards from rbr-serve"
+        kind = f"trained on {REWARD_FIELDS[args.reward]}, beta {args.beta}" + (
+            ", control: rewards shuffled within each batch" if args.control else "")
         plot = plot_curves(log_path, args.out, f"GRPO on {Path(model).name}, {kind}")
         print(f"saved the policy to {policy_dir}; log {log_path}; plot {plot}", flush=True)
     finally:

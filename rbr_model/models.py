@@ -262,3 +262,102 @@ def prepare_trunk(layer: int = DEFAULT_TRUNK_LAYER, source: str | Path | None = 
 def is_trunk_prepared(path: str | Path, layer: int) -> bool:
     marker = _read_marker(Path(path))
     return marker.get("recipe") == TRUNK_RECIPE_VERSION and marker.get("layer") == layer and bool(marker.get("hash"))
+
+
+# ---- the embedded helpful-only reward model: the grader model with a fitted score head -------------------------
+
+RM_RECIPE_VERSION = "1"
+RM_HEAD_NAME = "rm_head.json"  # packaged in rbr_model/data: made by `rbr rm fit` on scripts/make_rm_pairs.py's pairs
+
+
+def packaged_rm_head_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("rbr_model") / "data" / RM_HEAD_NAME))
+
+
+def rm_path(source: str | Path | None = None) -> Path:
+    base = Path(source).resolve() if source is not None else default_model_path()
+    return base.parent / f"{base.name}-rm"
+
+
+def write_rm_head(path: str | Path, weight: Any, info: dict[str, Any]) -> Path:
+    """A score head as JSON: `weight` (one float per hidden unit, the `score` row) and how it was fitted."""
+    path = Path(path)
+    values = [float(v) for v in weight]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "rbr-rm-head", "hidden_size": len(values), **info, "weight": values},
+                               indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_rm_head(path: str | Path) -> dict[str, Any]:
+    """The head file, checked: `weight` a list of finite numbers as long as `hidden_size`."""
+    import math
+
+    data = read_json(path, ModelError)
+    weight = data.get("weight") if isinstance(data, dict) else None
+    if (not isinstance(weight, list) or not weight or len(weight) != data.get("hidden_size")
+            or not all(isinstance(v, int | float) and math.isfinite(v) for v in weight)):
+        raise ModelError(f"{path}: not an RM head file (expected 'weight': hidden_size finite numbers)")
+    return data
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_rm_prepared(path: str | Path, head: str | Path | None = None) -> bool:
+    marker = _read_marker(Path(path))
+    head = Path(head) if head is not None else packaged_rm_head_path()
+    return (marker.get("recipe") == RM_RECIPE_VERSION and marker.get("kind") == "rm" and bool(marker.get("hash"))
+            and head.is_file() and marker.get("head_sha256") == _file_sha256(head))
+
+
+def prepare_rm(head: str | Path | None = None, source: str | Path | None = None, target: str | Path | None = None,
+               force: bool = False) -> Path:
+    """A `LlamaForSequenceClassification` folder: `source` (default: the embedded model) with a one-label `score`
+    head read from `head` (default: the packaged helpful-only head). vLLM's pooling runner serves it (the RM engine).
+
+    Nothing is trained here, so the build is deterministic: the marker records the head file's sha256 and the
+    source's and the result's `model_hash`; a folder built from another head is rebuilt. The transformer weights keep
+    their dtype; the head stays float32 (an engine running in bfloat16 rounds it when it loads).
+    """
+    head = Path(head) if head is not None else packaged_rm_head_path()
+    src = Path(source).resolve() if source is not None else prepare()
+    out = Path(target).resolve() if target is not None else rm_path(src)
+    if is_rm_prepared(out, head) and not force:
+        return out
+    spec = read_rm_head(head)
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ModelError(f"building the reward model needs torch and transformers: {exc}") from exc
+    config = AutoConfig.from_pretrained(str(src))
+    if int(config.hidden_size) != spec["hidden_size"]:
+        raise ModelError(f"{head}: a head for hidden size {spec['hidden_size']}, {src.name} has {config.hidden_size}")
+    config.num_labels = 1
+    config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+    arch = str((config.architectures or ["LlamaForCausalLM"])[0]).replace("ForCausalLM", "ForSequenceClassification")
+    config.architectures = [arch]
+    model = AutoModelForSequenceClassification.from_pretrained(str(src), config=config, dtype="auto")
+    with torch.no_grad():
+        model.score = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=torch.float32)
+        model.score.weight.copy_(torch.tensor([spec["weight"]], dtype=torch.float32))
+
+    def build(work: Path) -> None:
+        model.save_pretrained(work, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(work)
+        info = {"recipe": RM_RECIPE_VERSION, "kind": "rm", "source": src.name, "source_hash": model_hash(src),
+                "head": head.name, "head_sha256": _file_sha256(head), "hash": model_hash(work),
+                "fit": {k: v for k, v in spec.items() if k != "weight"},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (work / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        work.chmod(0o755)
+        for f in work.iterdir():
+            f.chmod(0o644)
+
+    return _build_folder(out, build, keep_existing=lambda: is_rm_prepared(out, head) and not force)

@@ -1,7 +1,8 @@
 """Reward-model (RM) scores: the `rm_score` half of `total = rm_score + rbr`.
 
 A request may carry its own `rm_score`; otherwise the operator can point the service at a reward model, which is
-any sequence-classification model (e.g. `LlamaForSequenceClassification`) served by vLLM's pooling runner:
+any sequence-classification model (e.g. `LlamaForSequenceClassification`) served by vLLM's pooling runner; with no
+model named, the embedded helpful-only RM (`models.prepare_rm`: the embedded model with a fitted score head):
 
 - `VLLMRMEngine`: the model in this process, through vLLM's `AsyncLLM` (`runner="pooling"`).
 - `RemoteRMEngine`: a separate vLLM server (`--runner pooling`), through its `POST /classify` endpoint.
@@ -130,7 +131,7 @@ class VLLMRMEngine(AsyncLLMOwner, RMEngine):
         max_model_len: int = 4096,
         enforce_eager: bool = True,
         *,
-        dtype: str = "auto",
+        dtype: str | None = None,
         max_num_seqs: int | None = None,
         served_model_name: str | None = None,
         disable_log_stats: bool = True,
@@ -141,9 +142,11 @@ class VLLMRMEngine(AsyncLLMOwner, RMEngine):
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise RMError(f"the in-process RM engine needs vLLM: {exc}") from exc
-        from rbr_model.grading.vllm_engine import cpu_engine_env
+        from rbr_model.grading.vllm_engine import cpu_engine_env, default_dtype
 
         engine_kwargs = {**cpu_engine_env(), **engine_kwargs}
+        # None: the grader engine's choice (float32 on CPUs without native bfloat16, where bfloat16 is ~4x slower)
+        dtype = dtype or default_dtype()
         self.model_path = str(model_path)
         self.model_id = served_model_name or self.model_path
         self.max_model_len = max_model_len
@@ -308,7 +311,8 @@ _REMOTE_KW = {"api_key", "timeout", "max_concurrency", "transport"}
 
 
 def build_rm_engine(kind: str, model: str | None, url: str | None, **kw: Any) -> RMEngine | None:
-    """The RM engine for `kind`: "none" (None), "vllm" (`model` is a local path) or "remote" (`url`).
+    """The RM engine for `kind`: "none" (None), "vllm" (`model` is a local path; None: the embedded helpful-only
+    RM, `models.prepare_rm`) or "remote" (`url`).
 
     `kw` may carry settings for either kind; each engine takes the ones it knows (so a caller can pass
     `max_model_len` whatever the kind). For "remote", `model` is the served model name to ask for, if any.
@@ -317,8 +321,13 @@ def build_rm_engine(kind: str, model: str | None, url: str | None, **kw: Any) ->
     if kind == "none":
         return None
     if kind == "vllm":
-        if not model:
-            raise ValueError("rm engine 'vllm' needs a model path")
+        if not model:  # the embedded helpful-only RM, built once from the packaged head (rbr model prepare --rm)
+            from rbr_model import models
+
+            try:
+                model = str(models.prepare_rm())
+            except models.ModelError as exc:
+                raise RMError(f"cannot prepare the embedded reward model: {exc}") from exc
         return VLLMRMEngine(model, **{k: v for k, v in kw.items() if k in _VLLM_KW})
     if kind == "remote":
         if not url:

@@ -67,7 +67,7 @@ class StackSettings:
     calibration_path: str | None = None
     max_engine_requests: int = 256
     rm_engine: str = "none"  # none, vllm (rm_model in process) or remote (rm_url)
-    rm_model: str | None = None
+    rm_model: str | None = None  # rm_engine=vllm: None is the embedded helpful-only RM (prepared on first use)
     rm_url: str | None = None
     rm_api_key: str | None = field(default=None, repr=False)  # a secret: never printed
     rm_gpu_memory_utilization: float = 0.1
@@ -100,8 +100,6 @@ class StackSettings:
         if self.engine == "remote" and self.heads not in ("none", "auto") and not (self.heads_url and self.heads_trunk):
             out.append(f"heads with {name('engine')}=remote need {name('heads_url')} and {name('heads_trunk')} (a "
                        f"local copy of the served trunk); or set {name('heads')}=none")
-        if self.rm_engine == "vllm" and not self.rm_model:
-            out.append(f"{name('rm_model')} is required with {name('rm_engine')}=vllm")
         if self.rm_engine == "remote" and not self.rm_url:
             out.append(f"{name('rm_url')} is required with {name('rm_engine')}=remote")
         shares = [(GPU_FRACTIONS[e], getattr(self, GPU_FRACTIONS[e])) for e in self.in_process()]

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     rm_engine: Literal["none", "vllm", "remote"] = Field(
         "none", description="Where rm_score comes from when a request omits it: none, vllm (in-process), remote."
     )
-    rm_model: str | None = Field(None, description="Reward (classification) model path for rm_engine=vllm.")
+    rm_model: str | None = Field(None, description="Reward (classification) model path for rm_engine=vllm; unset: "
+                                 "the embedded helpful-only RM (rbr model prepare --rm).")
     rm_url: str | None = Field(None, description="Base URL of a vLLM server with /classify for rm_engine=remote.")
     rm_api_key: SecretStr | None = Field(None, description="Bearer key for the remote RM server (rm_engine=remote).")
     rm_gpu_memory_utilization: float = Field(

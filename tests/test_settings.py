@@ -96,7 +96,6 @@ def test_the_heads_engine_counts_in_the_gpu_share(monkeypatch):
     ({"RBR_ENGINE": "remote"}, "RBR_REMOTE_URL is required with RBR_ENGINE=remote"),
     ({"RBR_ENGINE": "remote", "RBR_REMOTE_URL": "http://judge:8000", "RBR_HEADS": "/heads.npz"},
      "heads with RBR_ENGINE=remote need RBR_HEADS_URL and RBR_HEADS_TRUNK"),
-    ({"RBR_RM_ENGINE": "vllm"}, "RBR_RM_MODEL is required with RBR_RM_ENGINE=vllm"),
     ({"RBR_RM_ENGINE": "remote"}, "RBR_RM_URL is required with RBR_RM_ENGINE=remote"),
 ])
 def test_an_engine_without_its_address_fails_at_rbr_serve(monkeypatch, env, named):

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "heads": ("rbr_model.cli.heads_cmd", "heads_app", "Fit and inspect learned proposition heads."),
     "synth": ("rbr_model.cli.synth_cmd", "synth", "Write graded synthetic completions of known rank for rbr fit."),
     "report": ("rbr_model.cli.report_cmd", "report", "Pair accuracies and reward plots of fitted weights."),
+    "rm": ("rbr_model.cli.rm_cmd", "rm_app", "Fit, build and measure a reward model's score head on pairs."),
 }
 
 
