@@ -26,12 +26,16 @@ def settings_problems(exc: ValidationError) -> str:
 
 
 # vLLM starts each engine core with multiprocessing's spawn; this launcher runs first in that child: it asks the
-# kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG survives exec), then execs the real interpreter with
-# the same arguments. A child whose parent is already gone (rbr serve died before the prctl) exits instead.
+# kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG survives exec), then execs the real interpreter with
+# the same arguments. SIGKILL, not SIGTERM: with its client gone an engine core has nothing to finish, and a
+# graceful shutdown could hang; vLLM's workers follow their engine core through its death pipe. The resource
+# tracker is left alone: it exits once the last process using it is gone, unlinking the shared memory they
+# leaked. A child whose parent is already gone (rbr serve died before the prctl) exits instead.
 _LAUNCHER = """#!{python} -S
 import ctypes, os, signal, sys
-if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
-    sys.exit("prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if "resource_tracker" not in " ".join(sys.argv[1:]):
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        sys.exit("prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
 if str(os.getppid()) != os.environ.get("RBR_SERVE_PID"):
     sys.exit("rbr serve is gone: not starting")
 os.execv({python!r}, [{python!r}, *sys.argv[1:]])
@@ -40,7 +44,7 @@ os.execv({python!r}, [{python!r}, *sys.argv[1:]])
 
 def engines_die_with_this_process() -> str | None:
     """Make the processes this one spawns (vLLM's engine cores; their workers already follow the engine core
-    through vLLM's death pipe) get SIGTERM when this process dies, even by SIGKILL, so that a killed replica
+    through vLLM's death pipe) get SIGKILL when this process dies, even by SIGKILL, so that a killed replica
     leaves no engine behind: outside a container nothing else reaps them. Linux only.
 
     The kernel ties the signal to the thread that started the child: the engines start in the event loop's
