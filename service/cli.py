@@ -49,7 +49,8 @@ def engines_die_with_this_process() -> str | None:
 
     The kernel ties the signal to the thread that started the child: the engines start in the event loop's
     default executor, whose threads live as long as the loop. Returns the launcher's path, or None (with a
-    warning) where it cannot work: another OS, no writable temporary folder, or one mounted noexec.
+    warning) where it cannot work: another OS, no writable temporary folder, or one mounted noexec. With
+    `--workers` above 1 the engines are the uvicorn workers' children, which this does not reach.
     """
     import atexit
     import logging
