@@ -9,7 +9,8 @@ and labels) and the gold file, and prints per response type:
   3. top-1 class agreement when the class probabilities are computed
      - as served (the product of independent propositions, the paper's definition),
      - from the probabilities thresholded at 0.5 (hard logic),
-     - from the oracle (human labels; 1.0 by construction).
+     - from the oracle (human labels; 1.0 by construction);
+  4. top-1 when one proposition at a time takes its human label (which head limits the classes).
 
     python benchmarks/bench_reward_classes.py out/reward-cv-before \
         --gold ../shared/reference/openai-rbr/gold_train.jsonl
@@ -74,7 +75,15 @@ def main(argv: list[str] | None = None) -> None:
                           "mean_p_best_on_best_rows": float(cp[rank == best, best].mean())}
             print(f"top-1 {name:<18} {tops[name]['top1']:.3f}  mean P({spec.classes[best]}) on its rows "
                   f"{tops[name]['mean_p_best_on_best_rows']:.3f}  predicted {tops[name]['predicted']}")
-        out[rt] = {"calibration": calib, "top1": tops, "human_counts": {c: int(np.sum(rank == k))
+        swaps = {}
+        for j, name in enumerate(spec.propositions):  # one proposition replaced by its human label
+            q = p.copy()
+            q[:, j] = y[:, j]
+            swaps[name] = float(np.mean(spec.class_probabilities(q).argmax(axis=1) == rank))
+        best_swap = max(swaps, key=swaps.get)
+        print(f"top-1 with one proposition's human label: best {best_swap} {swaps[best_swap]:.3f}; "
+              + ", ".join(f"{n} {v:.3f}" for n, v in swaps.items() if n != best_swap))
+        out[rt] = {"oracle_one": swaps, "calibration": calib, "top1": tops, "human_counts": {c: int(np.sum(rank == k))
                                                                          for k, c in enumerate(spec.classes)}}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
