@@ -66,7 +66,8 @@ def engines_die_with_this_process() -> str | None:
     log = logging.getLogger("rbr.serve")
     os.environ["RBR_SERVE_PID"] = str(os.getpid())
     try:
-        folder = tempfile.mkdtemp(prefix="rbr-serve-")
+        _remove_stale_launchers(tempfile.gettempdir())
+        folder = tempfile.mkdtemp(prefix=f"rbr-serve-{os.getpid()}-")
         atexit.register(shutil.rmtree, folder, True)
         path = os.path.join(folder, "engine-launcher")
         with open(path, "w") as fh:
@@ -81,6 +82,24 @@ def engines_die_with_this_process() -> str | None:
         return None
     multiprocessing.set_executable(path)
     return path
+
+
+def _remove_stale_launchers(tmp: str) -> None:
+    """Remove the launcher folders of rbr serve processes that are gone (a SIGKILL skips their atexit)."""
+    import os
+    import re
+    import shutil
+
+    for entry in os.scandir(tmp):
+        match = re.fullmatch(r"rbr-serve-(\d+)-\w+", entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass  # alive under another user, or not ours to ask about
 
 
 def serve(

@@ -50,3 +50,22 @@ def test_the_launcher_refuses_a_child_whose_parent_is_gone(monkeypatch):
     monkeypatch.setenv("RBR_SERVE_PID", "1")  # not this process: as if the child's parent were another
     refused = subprocess.run([path, "-c", "print('started')"], capture_output=True, text=True)
     assert refused.returncode != 0 and "started" not in refused.stdout and "rbr serve is gone" in refused.stderr
+
+
+def test_launcher_folders_of_dead_replicas_are_removed(tmp_path):
+    """A SIGKILLed rbr serve skips its atexit; the next one removes the folder it left, and only such folders."""
+    import os
+    import subprocess
+    import sys
+
+    from service.cli import _remove_stale_launchers
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, live, other = tmp_path / f"rbr-serve-{gone.pid}-abc_1", tmp_path / f"rbr-serve-{os.getpid()}-x", \
+        tmp_path / "rbr-serve-notapid-x"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "engine-launcher").write_text("#!/bin/sh\n")
+    _remove_stale_launchers(str(tmp_path))
+    assert not stale.exists() and live.exists() and other.exists()
