@@ -124,9 +124,13 @@ async def test_vllm_pooling_agrees_with_transformers(state_engine, grader_model_
 
 
 async def test_grader_mixes_heads_and_prompts(grader_engine, state_engine):
-    grader = Grader(grader_engine, POLICY, heads=HEADS, state_engine=state_engine)
+    # The packaged heads cover every proposition of the default policy: drop one, so that the grader mixes.
+    unheaded = HEADS.propositions[-1]
+    keep = slice(0, len(HEADS.propositions) - 1)
+    partial = Heads(propositions=HEADS.propositions[keep], mean=HEADS.mean, scale=HEADS.scale,
+                    weights=HEADS.weights[keep], bias=HEADS.bias[keep], grader=HEADS.grader, policy=HEADS.policy)
+    grader = Grader(grader_engine, POLICY, heads=partial, state_engine=state_engine)
     prompted_only = Grader(grader_engine, POLICY)
-    unheaded = next(n for n in POLICY.propositions if n not in HEADS)
     headed = HEADS.propositions[:3]
     conv, completion = ITEMS[0]
     assert grader.method(headed[0]) == "head" and grader.method(unheaded) == "prompt"
