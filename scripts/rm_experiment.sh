@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue #23 item 3, the paper's experiment in miniature: the same policy, seed and budget trained four ways, each
+# evaluated on the held-out prompts through one service (the service's grader as judge).
+#   (a) untrained   (b) --reward rm (helpful-only)   (c) --reward total (RBR + RM)   (d) --reward rbr (RBR only)
+# One `rbr serve` (heads grader + the embedded helpful-only RM in process) scores every arm, so all three rewards are
+# logged for every arm whichever it trains on. Two arms train at a time (b with c, then d while (a) is evaluated).
+#
+#   scripts/rm_experiment.sh                                  # the run: 2 x 60 min of training, then the evals
+#   MINUTES=0 STEPS=1 LIMIT=1 SAMPLES=1 OUT=/tmp/rm-smoke scripts/rm_experiment.sh   # a smoke run (a few minutes)
+#
+# Settings (environment): OUT, PORT, MINUTES (training budget per arm), STEPS (max steps per arm), SEED, BETA (KL),
+# SAMPLES / MAX_TOKENS / LIMIT / BOOTSTRAP (rbr eval policy), SERVICE_URL (use a running service instead).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/env.sh
+PY=${PY:-.venv/bin/python}
+RBR=${RBR:-.venv/bin/rbr}
+OUT=${OUT:-out/rm-exp}
+PORT=${PORT:-8040}
+MINUTES=${MINUTES:-60}
+STEPS=${STEPS:-100000}
+SEED=${SEED:-0}
+BETA=${BETA:-0.04}
+SAMPLES=${SAMPLES:-4}
+MAX_TOKENS=${MAX_TOKENS:-64}
+BOOTSTRAP=${BOOTSTRAP:-1000}
+LIMIT=${LIMIT:-}
+mkdir -p "$OUT"
+
+service_pid=""
+cleanup() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; true; }
+trap cleanup EXIT
+if [[ -z ${SERVICE_URL:-} ]]; then
+  SERVICE_URL=http://127.0.0.1:$PORT
+  echo "starting rbr serve on $SERVICE_URL (log: $OUT/service.log)"
+  RBR_HEADS=auto RBR_RM_ENGINE=vllm RBR_HOST=127.0.0.1 RBR_PORT=$PORT "$RBR" serve >"$OUT/service.log" 2>&1 &
+  service_pid=$!
+  for _ in $(seq 450); do
+    curl -fsS "$SERVICE_URL/readyz" >/dev/null 2>&1 && break
+    kill -0 "$service_pid" 2>/dev/null || { echo "rbr serve exited; see $OUT/service.log" >&2; exit 1; }
+    sleep 2
+  done
+  curl -fsS "$SERVICE_URL/readyz" >/dev/null || { echo "rbr serve not ready; see $OUT/service.log" >&2; exit 1; }
+fi
+
+train() {  # arm reward
+  "$PY" examples/grpo_trl.py --out "$OUT/$1" --reward "$2" --service-url "$SERVICE_URL" --seed "$SEED" \
+    --beta "$BETA" --time-budget-min "$MINUTES" --max-steps "$STEPS" --threads 1 >"$OUT/$1.log" 2>&1
+}
+evaluate() {  # arm model
+  "$RBR" eval policy "$2" --name "$1" --service-url "$SERVICE_URL" --samples "$SAMPLES" \
+    --max-tokens "$MAX_TOKENS" --bootstrap "$BOOTSTRAP" --seed "$SEED" ${LIMIT:+--limit "$LIMIT"} --no-progress \
+    -o "$OUT/eval-$1" >"$OUT/eval-$1.log" 2>&1
+}
+
+echo "training (b) rm and (c) total, $MINUTES min each at most"
+train b-rm rm & pid_b=$!
+train c-total total & pid_c=$!
+wait "$pid_b" "$pid_c"
+echo "training (d) rbr; evaluating (a) untrained"
+train d-rbr rbr & pid_d=$!
+evaluate a-untrained embedded
+wait "$pid_d"
+for arm in b-rm c-total d-rbr; do
+  echo "evaluating ($arm)"
+  evaluate "$arm" "$OUT/$arm/policy"
+done
+"$RBR" eval compare "$OUT/eval-a-untrained" "$OUT/eval-b-rm" "$OUT/eval-c-total" "$OUT/eval-d-rbr" -o "$OUT/compare"
+echo "done: $OUT/compare"
