@@ -137,10 +137,12 @@ class FinalStates:
 
 
 def vllm_final_states(model_dir: str | Path, items: Sequence[tuple[Messages, str]], max_len: int = 2048,
-                      chunk: int = 64, progress: Callable[[int], None] | None = None) -> Any:
-    """`FinalStates` through vLLM's pooling runner (the heads' state engine on the whole model): the same states
-    within float32 reordering, ~10x faster on this CPU than the transformers forward, and what the RM engine
-    computes when it serves the head."""
+                      chunk: int = 64, progress: Callable[[int], None] | None = None,
+                      dtype: str | None = None) -> Any:
+    """`FinalStates` through vLLM's pooling runner (the heads' state engine on the whole model), ~10x faster on
+    this CPU than the transformers forward. `dtype` None: the RM engine's own (`default_dtype`: bfloat16 on a CPU
+    with native bfloat16), so the head is fitted on the states it will be served with; in float32 these are
+    `FinalStates`' states within float32 reordering."""
     import numpy as np
 
     from rbr_model.grading.states import VLLMStateEngine
@@ -148,7 +150,8 @@ def vllm_final_states(model_dir: str | Path, items: Sequence[tuple[Messages, str
     from rbr_model.heads.inputs import HeadInput
 
     async def run() -> Any:
-        engine = await asyncio.to_thread(VLLMStateEngine, model_dir, max_model_len=max_len, dtype=default_dtype())
+        engine = await asyncio.to_thread(VLLMStateEngine, model_dir, max_model_len=max_len,
+                                         dtype=dtype or default_dtype())
         try:
             out = np.zeros((len(items), engine.hidden_size), dtype=np.float32)
             for start in range(0, len(items), chunk):

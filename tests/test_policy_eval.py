@@ -199,18 +199,19 @@ def test_grpo_example_trains_two_steps_against_a_live_service(tmp_path: Path):
     out = tmp_path / "grpo"
     cmd = [sys.executable, str(ROOT / "examples" / "grpo_trl.py"), "--out", str(out), "--max-steps", "2",
            "--prompts-per-step", "1", "--num-generations", "2", "--max-completion-length", "16",
-           "--port", str(free_port())]
+           "--port", str(free_port()), "--reward", "rbr", "--rm", "none"]  # RM served: tests/test_rm_embedded.py
     proc = _run(cmd, 1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
-    for s in steps:  # the served reward and the class fractions reached TRL's log
-        assert "reward" in s and "rbr_reward/rbr_reward" in s
+    for s in steps:  # the served rewards and the class fractions reached TRL's log; TRL trained on the chosen one
+        assert {"reward", "rbr_reward/rbr_reward", "rbr_reward/rm_score", "rbr_reward/reward"} <= set(s)
+        assert s["reward"] == pytest.approx(s["rbr_reward/rbr_reward"], rel=1e-6, abs=1e-6)  # TRL's float32 mean
         assert any(k.startswith("rbr_reward/class/") for k in s)
     assert (out / "policy" / "config.json").is_file()
     assert (out / "training_curves.png").stat().st_size > 0
     run = json.loads((out / "run.json").read_text())
-    assert run["args"]["control"] is False
+    assert run["args"]["control"] is False and run["args"]["reward"] == "rbr" and run["args"]["beta"] > 0
     # The service the script started is gone.
     import httpx
 

@@ -144,3 +144,20 @@ def test_trainer_trains_on_the_chosen_field_and_logs_the_total():
         assert asyncio.run(fn(["p", "q"], ["a", "b"], log_metric=logged.__setitem__)) == want
         assert logged == {"served/reward": 0.25}
         assert fn.__name__ == "served"
+
+
+@pytest.mark.engine
+def test_vllm_states_are_the_transformers_states():
+    """The fit reads states through vLLM's pooling runner; in float32 they are `FinalStates`' (transformers) states
+    (same rendering, last token, final norm)."""
+    from tolerances import ENGINE_FP32_TOL
+
+    from rbr_model.rm_fit import vllm_final_states
+
+    base = models.prepare()
+    items = [(({"role": "user", "content": "What is 2+2?"},), "4."),
+             (({"role": "user", "content": "Tell me a joke."},), "I'm sorry, but I can't help with that.")]
+    served = vllm_final_states(base, items, max_len=1024, dtype="float32")
+    reference = FinalStates(base)(items)
+    # Two float32 forwards adding in another order: relative ~4e-6 per reduction over 30 layers (tests/tolerances.py).
+    np.testing.assert_allclose(served, reference, rtol=0, atol=ENGINE_FP32_TOL * float(np.abs(reference).max()))
