@@ -64,7 +64,11 @@ while IFS= read -r path; do
   case "$path" in *.pem | *.crt) ;; *) PIP_MOUNTS+=(-v "$path:$path:ro") ;; esac
 done < <(pip_local_paths)
 SHARED_MOUNT=()
-[ -d "$SHARED" ] && SHARED_MOUNT=(-v "$SHARED:/src/shared:ro")
+if [ -d "$SHARED" ]; then
+  SHARED_MOUNT=(-v "$SHARED:/src/shared:ro")
+else
+  say "WARNING: no $SHARED (OpenAI's reference data next to the checkout): under CI=true the tests that read it fail"
+fi
 
 # start_fresh NAME COMMAND: a clean container on a fresh clone of HEAD, running COMMAND in the clone as root.
 start_fresh() {

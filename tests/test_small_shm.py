@@ -1,11 +1,12 @@
 """vLLM's engines in a 64 MiB /dev/shm (a container started without `--shm-size`): they start, and compute what
 the same engines compute with room to spare.
 
-The engines run in a child process that gets a private 64 MiB tmpfs on /dev/shm (`unshare --mount`, so the test
-needs root and util-linux; it skips without them and says so): the grader on a few prompts and the heads' trunk
-on items whose per-token states (~2.3 KB a token) overflow the 1 MiB queue chunks, so they travel through vLLM's
-socket. The parent compares with the shared grader engine and a trunk engine of its own, at the tolerances of the
-float32 arithmetic (tests/tolerances.py): another batch, another summation order, never another value.
+The engines run in a child process that gets a private 64 MiB tmpfs on /dev/shm (`unshare --mount`: the test
+needs root with the right to mount, as on a VM, and skips elsewhere, e.g. in a container, saying why): the grader
+on a few prompts and the heads' trunk on items whose per-token states (~2.3 KB a token) overflow the 1 MiB queue
+chunks, so they travel through vLLM's socket. The parent compares with the shared grader engine and a trunk engine
+of its own, at the tolerances of the float32 arithmetic (tests/tolerances.py): another batch, another summation
+order, never another value.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def test_shrinks_only_where_dev_shm_is_too_small(tmp_path):
 async def test_engines_in_64_mib_dev_shm_compute_what_roomy_ones_do(grader_engine, grader_model_path, tmp_path):
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare (util-linux) to give the child a private 64 MiB /dev/shm")
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:  # root without CAP_SYS_ADMIN: an unprivileged container
+        pytest.skip(f"cannot make a private mount namespace here: {probe.stderr.strip()}")
     from rbr_model.grading.states import VLLMStateEngine
 
     trunk = models.prepare_trunk(int(HEADS.grader["layer"]))
