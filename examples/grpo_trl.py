@@ -76,6 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- the service ---------------------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """In the service's child before exec: SIGTERM when this trainer dies, even by SIGKILL (the OOM killer), which
+    `finally` cannot catch; otherwise the service and its engines outlive it (seen: 3 engines left, ~7 GB)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
 def start_service(port: int, log_path: Path, timeout: float = 900.0, rm: str = "vllm") -> tuple[subprocess.Popen, str]:
     """`rbr serve` on loopback with the heads grader and the embedded RM (or rm_score 0); waits for /readyz."""
     env = {**os.environ, "RBR_HEADS": "auto", "RBR_HOST": "127.0.0.1", "RBR_PORT": str(port)}
@@ -88,7 +97,7 @@ def start_service(port: int, log_path: Path, timeout: float = 900.0, rm: str = "
     rbr = Path(sys.executable).with_name("rbr")
     log = log_path.open("w")
     proc = subprocess.Popen([str(rbr), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     try:

@@ -6,10 +6,11 @@
 # logged for every arm whichever it trains on. Two arms train at a time (b with c, then d while (a) is evaluated).
 #
 #   scripts/rm_experiment.sh                                  # the run: 2 x 60 min of training, then the evals
-#   MINUTES=0 STEPS=1 LIMIT=1 SAMPLES=1 OUT=/tmp/rm-smoke scripts/rm_experiment.sh   # a smoke run (a few minutes)
+#   PARALLEL=0 MINUTES=0 STEPS=1 LIMIT=1 SAMPLES=1 BOOTSTRAP=10 OUT=/tmp/rm-smoke scripts/rm_experiment.sh  # smoke
 #
 # Settings (environment): OUT, PORT, MINUTES (training budget per arm), STEPS (max steps per arm), SEED, BETA (KL),
-# SAMPLES / MAX_TOKENS / LIMIT / BOOTSTRAP (rbr eval policy), SERVICE_URL (use a running service instead).
+# PARALLEL (1: two arms at a time; 0: one, for a machine short of memory), SAMPLES / MAX_TOKENS / LIMIT / BOOTSTRAP
+# (rbr eval policy), SERVICE_URL (use a running service instead).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
@@ -25,6 +26,7 @@ SAMPLES=${SAMPLES:-4}
 MAX_TOKENS=${MAX_TOKENS:-64}
 BOOTSTRAP=${BOOTSTRAP:-1000}
 LIMIT=${LIMIT:-}
+PARALLEL=${PARALLEL:-1}
 mkdir -p "$OUT"
 
 service_pid=""
@@ -36,7 +38,9 @@ if [[ -z ${SERVICE_URL:-} ]]; then
   RBR_HEADS=auto RBR_RM_ENGINE=vllm RBR_HOST=127.0.0.1 RBR_PORT=$PORT "$RBR" serve >"$OUT/service.log" 2>&1 &
   service_pid=$!
   for _ in $(seq 450); do
+    ready=$(curl -sS "$SERVICE_URL/readyz" 2>/dev/null || true)
     curl -fsS "$SERVICE_URL/readyz" >/dev/null 2>&1 && break
+    [[ $ready == *"failed to start"* ]] && { echo "rbr serve: engines failed to start; see $OUT/service.log" >&2; exit 1; }
     kill -0 "$service_pid" 2>/dev/null || { echo "rbr serve exited; see $OUT/service.log" >&2; exit 1; }
     sleep 2
   done
@@ -53,14 +57,17 @@ evaluate() {  # arm model
     -o "$OUT/eval-$1" >"$OUT/eval-$1.log" 2>&1
 }
 
+pids=()
+bg() { if [[ $PARALLEL == 1 ]]; then "$@" & pids+=($!); else "$@"; fi; }  # two arms at a time, or one
+join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }  # a failed arm fails the script
 echo "training (b) rm and (c) total, $MINUTES min each at most"
-train b-rm rm & pid_b=$!
-train c-total total & pid_c=$!
-wait "$pid_b" "$pid_c"
+bg train b-rm rm
+train c-total total
+join
 echo "training (d) rbr; evaluating (a) untrained"
-train d-rbr rbr & pid_d=$!
+bg train d-rbr rbr
 evaluate a-untrained embedded
-wait "$pid_d"
+join
 for arm in b-rm c-total d-rbr; do
   echo "evaluating ($arm)"
   evaluate "$arm" "$OUT/$arm/policy"
