@@ -30,7 +30,11 @@ PARALLEL=${PARALLEL:-1}
 mkdir -p "$OUT"
 
 service_pid=""
-cleanup() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; true; }
+cleanup() {  # the service goes down with the script; the script's own exit status stays
+  local rc=$?
+  [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null
+  exit "$rc"
+}
 trap cleanup EXIT
 if [[ -z ${SERVICE_URL:-} ]]; then
   SERVICE_URL=http://127.0.0.1:$PORT
