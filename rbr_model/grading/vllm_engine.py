@@ -42,8 +42,8 @@ def _on_gpu() -> bool:
 def default_dtype() -> str:
     """bfloat16 only where the hardware computes it natively; on other CPUs it is emulated and ~4x slower.
 
-    Measured here (Xeon with AVX-512 but no AVX512_BF16/AMX, SmolLM2-135M): bfloat16 ~120 prompt tokens/s,
-    float32 ~480 tokens/s.
+    Measured on a Xeon with AVX-512 but no AVX512_BF16/AMX (SmolLM2-135M): bfloat16 ~120 prompt tokens/s, float32
+    ~480 tokens/s. Dev VMs differ: some have native bf16 and then run bfloat16 (benchmarks/RESULTS.md says which).
     """
     if _on_gpu():
         return "auto"
