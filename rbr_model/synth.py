@@ -342,7 +342,11 @@ class Synthesizer:
     ):
         self.policy = policy if policy is not None else load_policy(None)
         self.engine = engine
-        self.grader = grader if grader is not None else Grader(engine, self.policy)
+        if grader is None:  # the one builder's prompted grader on this engine (rbr synth passes its stack's)
+            from rbr_model.stack import StackSettings, make_grader
+
+            grader = make_grader(StackSettings(heads="none"), engine, self.policy)
+        self.grader = grader
         self.behaviour = behaviour_engine if behaviour_engine is not None else engine
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.behaviour, "tokenizer", None)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
