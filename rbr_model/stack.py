@@ -54,6 +54,7 @@ class StackSettings:
     remote_url: str | None = None
     remote_model: str | None = None  # None: ask the server
     remote_api_key: str | None = field(default=None, repr=False)  # a secret: never printed
+    remote_timeout_s: float = 60.0  # one HTTP request to a remote grading server (grader or heads' pooling)
     max_model_len: int = 4096
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
@@ -170,7 +171,7 @@ def build_engine(settings: StackSettings) -> Engine:
 
         # The chat template comes from a local copy of the grader's tokenizer (same model as the server's).
         return RemoteEngine(str(settings.remote_url), model=settings.remote_model, tokenizer=model,
-                            api_key=settings.remote_api_key)
+                            api_key=settings.remote_api_key, timeout=settings.remote_timeout_s)
     from rbr_model.grading.vllm_engine import VLLMEngine
 
     return VLLMEngine(model, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
@@ -185,7 +186,7 @@ def build_state_engine(settings: StackSettings, trunk: str | Path) -> StateEngin
         from rbr_model.grading.states import RemoteStateEngine
 
         return RemoteStateEngine(str(settings.heads_url), trunk, api_key=settings.remote_api_key,
-                                 max_model_len=settings.max_model_len)
+                                 max_model_len=settings.max_model_len, timeout=settings.remote_timeout_s)
     from rbr_model.grading.states import VLLMStateEngine
     from rbr_model.grading.vllm_engine import _on_gpu
 

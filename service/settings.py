@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     remote_url: str | None = Field(None, description="Base URL of the remote vLLM server (engine=remote).")
     remote_model: str | None = Field(None, description="Served model name on the remote server; unset: ask it.")
     remote_api_key: SecretStr | None = Field(None, description="Bearer key for the remote vLLM server.")
+    remote_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds one HTTP request to the remote grading servers may take before a 503 "
+        "(a batch of 32 prompts on a loaded CPU server can need more than the default)."
+    )
     max_model_len: int = Field(4096, description="Longest grading prompt in tokens (vLLM max_model_len).")
     max_num_seqs: int = Field(64, description="vLLM max_num_seqs: sequences batched per engine step.")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (shared few-shot prefixes).")

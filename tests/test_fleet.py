@@ -40,7 +40,10 @@ def fleet(grader_model_path, tmp_path_factory):
     replicas: list[ServeReplica] = []
     try:
         vllm.wait_ready(900)
-        env = {"RBR_ENGINE": "remote", "RBR_REMOTE_URL": vllm.url, "RBR_REMOTE_MODEL": SERVED_NAME,
+        # RBR_REMOTE_TIMEOUT_S: on a loaded CPU (the suite beside CPU hogs) one 32-prompt batch outlived the 60 s
+        # default, and the 503 it caused moved requests for the wrong reason.
+        env = {"RBR_ENGINE": "remote", "RBR_REMOTE_TIMEOUT_S": "900", "RBR_REMOTE_URL": vllm.url,
+               "RBR_REMOTE_MODEL": SERVED_NAME,
                "RBR_GRADER_MODEL": str(grader_model_path), "RBR_HEADS": "none", "RBR_REDIS_URL": redis.url,
                "RBR_LOG_LEVEL": "warning"}
         replicas = [ServeReplica(env, work / f"rbr-serve-{i}.log") for i in range(2)]
