@@ -210,6 +210,15 @@ def inspect(container: str, fmt: str) -> str:
     return sh("docker", "inspect", "-f", fmt, container, check=False).stdout.strip()
 
 
+def readme_request(api: str) -> tuple[bool, str]:
+    """The README's curl: 200 with features, and what came back."""
+    code, body = http("POST", f"{api}/v1/rewards", {"items": [README_ITEM], "return_features": True})
+    if code == 200 and isinstance(body, dict) and body["results"][0].get("features"):
+        result = body["results"][0]
+        return True, f"{code}, reward {result['reward']:.4f} with {len(result['features'])} features"
+    return False, f"{code}: {str(body)[:300]}"
+
+
 def process_uids(container: str) -> set[str]:
     """The uid of every process in the container (`docker top` needs the pid column to list them)."""
     top = sh("docker", "top", container, "-eo", "uid,pid", check=False).stdout.splitlines()[1:]
@@ -354,10 +363,7 @@ def run_checks(compose: Compose, checks: Check, api: str, prom: str, ports: dict
 
     # The README's request, through the container.
     t = time.monotonic()
-    code, body = http("POST", f"{api}/v1/rewards", {"items": [README_ITEM], "return_features": True})
-    good = code == 200 and isinstance(body, dict) and bool(body["results"][0].get("features"))
-    checks.record("README curl", good, f"{code}, reward {body['results'][0]['reward']:.4f} with "
-                  f"{len(body['results'][0]['features'])} features" if good else f"{code}: {str(body)[:300]}", t)
+    checks.record("README curl", *readme_request(api), t)
 
     # Prometheus scrapes the service.
     t = time.monotonic()

@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compose_check import (  # noqa: E402  (a sibling script, not a package)
-    README_ITEM,
     ROOT,
     Check,
     WheelServers,
@@ -29,6 +28,7 @@ from compose_check import (  # noqa: E402  (a sibling script, not a package)
     http,
     inspect,
     process_uids,
+    readme_request,
     sh,
 )
 
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         t = time.monotonic()
-        code, body = http("POST", f"{api}/v1/rewards", {"items": [README_ITEM], "return_features": True})
-        good = code == 200 and isinstance(body, dict) and bool(body["results"][0].get("features"))
-        checks.record("README request", good, f"{code}, reward {body['results'][0]['reward']:.4f} with "
-                      f"{len(body['results'][0]['features'])} features" if good else f"{code}: {str(body)[:300]}", t)
+        checks.record("README request", *readme_request(api), t)
 
         t = time.monotonic()
         user, ro = inspect(name, "{{.Config.User}}"), inspect(name, "{{.HostConfig.ReadonlyRootfs}}")
