@@ -7,6 +7,9 @@ differ, pooled over folds, per response type; the same for the weights given wit
 same pairs. Settings are swept so that the shipped one is chosen on this CV, not on the rows it is scored on.
 
     python benchmarks/bench_reward_weights.py out/ranking_rows.jsonl --orderings out/ranking_orderings.yaml
+
+With --with-rm (rows from `make_ranking_rows.py --rm`), the fits and the scores are of the total, rm_score + w ·
+features: weights fitted on top of that reward model, as the service serves them beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decays", default="1e-4,1e-3,1e-2,1e-1", help="weight decays to sweep")
     ap.add_argument("--no-synthetic", action="store_true", help="gold rows only")
     ap.add_argument("--prior", type=Path, help="weights the fit shrinks toward (rbr fit --prior)")
+    ap.add_argument("--with-rm", action="store_true", help="fit and score rm_score + w · features")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             names = names or list(sub[0]["features"])
             x = np.array([[r["features"][n] for n in names] for r in sub])
-            reward = x @ per_fold_weights[k]
+            reward = x @ per_fold_weights[k] + (np.array([r["rm_score"] for r in sub]) if args.with_rm else 0.0)
             rank = np.array([classes.index(r["completion_label"]) for r in sub])
             pa, n = pair_accuracy(reward, rank)
             if n:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         per_rt: dict[str, dict[int, np.ndarray]] = {rt: {} for rt in policy.classes}
         for k in folds:
             train = [r for r in rows if fold_of(r["prompt_id"]) != k]
-            fitter = HingeFitter(weight_decay=decay, no_rm=True, heldout_fraction=0.0,
+            fitter = HingeFitter(weight_decay=decay, no_rm=not args.with_rm, heldout_fraction=0.0,
                                  prior=Weights.load(args.prior) if args.prior else None).fit(train, orderings, policy)
             for rt, table in fitter.weights_.weights.items():
                 names = list(next(r for r in gold if r["response_type"] == rt)["features"])

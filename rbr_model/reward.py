@@ -91,8 +91,12 @@ class Weights:
         return cls.from_dict(data, source=str(path))
 
 
-def default_weights_path() -> Path:
-    return Path(str(resources.files("rbr_model") / "policies" / "default_weights.json"))
+def default_weights_path(embedded_rm: bool = False) -> Path:
+    """The packaged weights. The total `rm_score + w · features` must rank, so weights belong to the RM under them:
+    `embedded_rm` gives those fitted on top of the embedded helpful-only RM's scores, else those fitted with
+    rm_score 0 (an RBR that ranks alone)."""
+    name = "default_weights_embedded_rm.json" if embedded_rm else "default_weights.json"
+    return Path(str(resources.files("rbr_model") / "policies" / name))
 
 
 class RewardModel:

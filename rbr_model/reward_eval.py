@@ -440,11 +440,13 @@ def ranking_rows(policy: Policy, gold_records: Sequence[Mapping[str, Any]],
     rows of different classes within a fold and `rbr fit`'s held-out prompts are whole folds. Extra rows whose
     kind is in `CERTAIN_PAIRS` for their response type are grouped per prompt; the others are left out. An extra
     row has no probability for a proposition that had no head in its fold (the gold rows had the prompted grader
-    there); it takes `missing_extra` (None: an error)."""
+    there); it takes `missing_extra` (None: an error). A record's `rm_score` (a reward model's score of its
+    completion, for weights fitted on top of that RM) is carried over; without one the row's is 0."""
     builder = FeatureBuilder(policy)
     out: list[dict[str, Any]] = []
 
-    def add(prompt_id: str, rt: str, label: str, probs: Mapping[str, float], fill: float | None = None) -> None:
+    def add(prompt_id: str, rt: str, label: str, probs: Mapping[str, float], fill: float | None = None,
+            rm_score: float = 0.0) -> None:
         spec = builder[rt]
         if fill is not None:
             probs = {n: fill for n in spec.propositions} | dict(probs)
@@ -452,19 +454,21 @@ def ranking_rows(policy: Policy, gold_records: Sequence[Mapping[str, Any]],
             raise RewardEvalError(f"{prompt_id}: no probability for "
                                   f"{[n for n in spec.propositions if n not in probs]}")
         x = features_for(spec, spec.matrix([probs]), classes_from)[0]
-        out.append({"prompt_id": prompt_id, "response_type": rt, "completion_label": label, "rm_score": 0.0,
+        out.append({"prompt_id": prompt_id, "response_type": rt, "completion_label": label,
+                    "rm_score": float(rm_score),
                     "features": dict(zip(spec.feature_names, map(float, x), strict=True))})
 
     for rec in gold_records:
         if "fold" not in rec:
             raise RewardEvalError("gold records without a fold: use the output of `rbr eval reward --cv`")
         add(f"gold-{rec['response_type']}-fold{rec['fold']}", rec["response_type"], rec["human_class"],
-            rec["probabilities"])
+            rec["probabilities"], rm_score=rec.get("rm_score", 0.0))
     for rec in extra_records:
         rt = policy.find_response_type(rec.get("response_type"))
         kinds = CERTAIN_PAIRS.get(rt or "", {})
         known = set(kinds) | {w for worse in kinds.values() for w in worse}
         if rt is None or rec.get("kind") not in known:
             continue
-        add(f"synth-{rec['prompt_id']}-fold{rec['fold']}", rt, rec["kind"], rec["probabilities"], missing_extra)
+        add(f"synth-{rec['prompt_id']}-fold{rec['fold']}", rt, rec["kind"], rec["probabilities"], missing_extra,
+            rm_score=rec.get("rm_score", 0.0))
     return out

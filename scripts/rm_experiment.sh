@@ -3,14 +3,16 @@
 # evaluated on the held-out prompts through one service (the service's grader as judge).
 #   (a) untrained   (b) --reward rm (helpful-only)   (c) --reward total (RBR + RM)   (d) --reward rbr (RBR only)
 # One `rbr serve` (heads grader + the embedded helpful-only RM in process) scores every arm, so all three rewards are
-# logged for every arm whichever it trains on. Two arms train at a time (b with c, then d while (a) is evaluated).
+# logged for every arm whichever it trains on. PARALLEL=3 (the default) trains the three arms at once while (a) is
+# evaluated, so every arm meets the same load on a shared machine; PARALLEL=1 trains two at a time (b with c, then d
+# while (a) is evaluated); PARALLEL=0 one at a time.
 #
-#   scripts/rm_experiment.sh                                  # the run: 2 x 60 min of training, then the evals
+#   scripts/rm_experiment.sh                                  # the run: 60 min of training, then the evals
 #   PARALLEL=0 MINUTES=0 STEPS=1 LIMIT=1 SAMPLES=1 BOOTSTRAP=10 OUT=/tmp/rm-smoke scripts/rm_experiment.sh  # smoke
 #
 # Settings (environment): OUT, PORT, MINUTES (training budget per arm), STEPS (max steps per arm), SEED, BETA (KL),
-# PARALLEL (1: two arms at a time; 0: one, for a machine short of memory), SAMPLES / MAX_TOKENS / LIMIT / BOOTSTRAP
-# (rbr eval policy), SERVICE_URL (use a running service instead).
+# PARALLEL (3: three arms at once; 1: two at a time; 0: one, for a machine short of memory), SAMPLES / MAX_TOKENS /
+# LIMIT / BOOTSTRAP (rbr eval policy), SERVICE_URL (use a running service instead).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
@@ -26,7 +28,7 @@ SAMPLES=${SAMPLES:-4}
 MAX_TOKENS=${MAX_TOKENS:-64}
 BOOTSTRAP=${BOOTSTRAP:-1000}
 LIMIT=${LIMIT:-}
-PARALLEL=${PARALLEL:-1}
+PARALLEL=${PARALLEL:-3}
 mkdir -p "$OUT"
 
 service_pid=""
@@ -62,19 +64,31 @@ evaluate() {  # arm model
 }
 
 pids=()
-bg() { if [[ $PARALLEL == 1 ]]; then "$@" & pids+=($!); else "$@"; fi; }  # two arms at a time, or one
+bg() { if [[ $PARALLEL != 0 ]]; then "$@" & pids+=($!); else "$@"; fi; }  # in the background unless PARALLEL=0
 join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }  # a failed arm fails the script
-echo "training (b) rm and (c) total, $MINUTES min each at most"
-bg train b-rm rm
-train c-total total
-join
-echo "training (d) rbr; evaluating (a) untrained"
-bg train d-rbr rbr
-evaluate a-untrained embedded
-join
-for arm in b-rm c-total d-rbr; do
-  echo "evaluating ($arm)"
-  evaluate "$arm" "$OUT/$arm/policy"
-done
+if [[ $PARALLEL == 3 ]]; then
+  echo "training (b) rm, (c) total and (d) rbr at once, $MINUTES min each at most; evaluating (a) untrained"
+  bg train b-rm rm
+  bg train c-total total
+  bg train d-rbr rbr
+  evaluate a-untrained embedded
+  join
+  echo "evaluating (b), (c), (d) at once"
+  for arm in b-rm c-total d-rbr; do bg evaluate "$arm" "$OUT/$arm/policy"; done
+  join
+else
+  echo "training (b) rm and (c) total, $MINUTES min each at most"
+  bg train b-rm rm
+  train c-total total
+  join
+  echo "training (d) rbr; evaluating (a) untrained"
+  bg train d-rbr rbr
+  evaluate a-untrained embedded
+  join
+  for arm in b-rm c-total d-rbr; do
+    echo "evaluating ($arm)"
+    evaluate "$arm" "$OUT/$arm/policy"
+  done
+fi
 "$RBR" eval compare "$OUT/eval-a-untrained" "$OUT/eval-b-rm" "$OUT/eval-c-total" "$OUT/eval-d-rbr" -o "$OUT/compare"
 echo "done: $OUT/compare"

@@ -131,7 +131,7 @@ def serve(
     from service.state import load_reward_model
 
     try:
-        model = load_reward_model(settings.policy_path, settings.weights_path)
+        model = load_reward_model(settings.policy_path, settings.weights_file())
         check_heads(settings.stack(), model.policy)
     except (HeadsError, PolicyError, WeightsError, models.ModelError) as exc:
         raise fail(str(exc)) from None

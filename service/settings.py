@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from rbr_model.reward import default_weights_path
 from rbr_model.stack import StackSettings
 
 
@@ -20,7 +21,8 @@ class Settings(BaseSettings):
 
     # -- policy and weights -------------------------------------------------------------------------
     policy_path: str | None = Field(None, description="Policy YAML; default: the packaged default policy.")
-    weights_path: str | None = Field(None, description="Weights JSON; default: the packaged default weights.")
+    weights_path: str | None = Field(None, description="Weights JSON; default: the packaged default weights (those "
+                                     "fitted on top of the embedded RM when rm_engine=vllm serves it).")
 
     # -- grader engine ------------------------------------------------------------------------------
     engine: Literal["vllm", "remote"] = Field(
@@ -122,6 +124,11 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def weights_file(self) -> str:
+        """The weights to serve: `weights_path`, else the packaged ones that belong to the RM served."""
+        embedded_rm = self.rm_engine == "vllm" and not self.rm_model
+        return self.weights_path or str(default_weights_path(embedded_rm=embedded_rm))
 
     def stack(self) -> StackSettings:
         """The grading stack's settings (`rbr_model.stack`): engines, heads, grader, RM."""

@@ -127,6 +127,10 @@ def served_caveats(settings: Settings, model: RewardModel) -> list[str]:
     accuracies = [m.get("heldout_pair_accuracy") for m in
                   (model.weights.metrics.get("response_types") or {}).values() if isinstance(m, dict)]
     accuracies = [a for a in accuracies if isinstance(a, (int, float))]
+    if settings.rm_engine != "none" and (model.weights.metrics.get("settings") or {}).get("no_rm"):
+        caveats.append(f"the weights {model.weights.version} were fitted with rm_score 0, yet the RM engine "
+                       f"({settings.rm_engine}) adds its scores to every total: refit them on rows scored by this RM "
+                       "(`rbr fit` without --no-rm) or the RM's margins may outweigh the rules")
     if accuracies and max(accuracies) < NEAR_CHANCE_PAIR_ACCURACY:
         caveats.append(f"the weights {model.weights.version} were fitted on near-random features (held-out pair "
                        f"accuracy at most {max(accuracies):.2f})")
@@ -151,7 +155,7 @@ async def running(app: FastAPI, engine: Engine | None = None, rm_engine: RMEngin
     down what this process started. Engines passed in are shared (tests, embedding) and left running."""
     state = app_state(app)
     settings, metrics = state.settings, state.metrics
-    model = load_reward_model(settings.policy_path, settings.weights_path)
+    model = load_reward_model(settings.policy_path, settings.weights_file())
     cache = build_cache(settings.redis_url, metrics, ttl_s=settings.cache_ttl_s, local_size=settings.local_cache_size,
                         timeout_s=settings.redis_timeout_s, breaker_s=settings.redis_breaker_s)
     state.pipeline = build_pipeline(settings, metrics, cache)

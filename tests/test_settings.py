@@ -149,3 +149,26 @@ def test_the_library_never_imports_the_service():
                 names = [getattr(node.args[0], "value", "")]
             offenders += [f"{path.name}: {n}" for n in names if n == "service" or str(n).startswith("service.")]
     assert not offenders, offenders
+
+
+def test_weights_follow_the_rm_they_were_fitted_on():
+    """The total must rank, so the packaged weights served beside the embedded RM are those fitted on its scores;
+    any other RM (or none) gets the weights fitted with rm_score 0; a weights path always wins."""
+    from rbr_model.reward import Weights, default_weights_path
+    from service.state import served_caveats
+
+    embedded = Settings(rm_engine="vllm")
+    assert embedded.weights_file() == str(default_weights_path(embedded_rm=True))
+    assert Settings().weights_file() == str(default_weights_path())
+    assert Settings(rm_engine="vllm", rm_model="/models/rm").weights_file() == str(default_weights_path())
+    assert Settings(rm_engine="vllm", weights_path="/w.json").weights_file() == "/w.json"
+    # each packaged file says how it was fitted: with rm_score 0, or on an RM's scores
+    assert Weights.load(default_weights_path()).metrics["settings"]["no_rm"] is True
+    assert Weights.load(default_weights_path(embedded_rm=True)).metrics["settings"]["no_rm"] is False
+
+    class Served:  # what served_caveats reads of the reward model
+        weights = Weights.load(default_weights_path())
+
+    other_rm = Settings(rm_engine="remote", rm_url="http://rm:8000", grader_model="/models/grader")
+    assert any("fitted with rm_score 0" in c for c in served_caveats(other_rm, Served))
+    assert not any("fitted with rm_score 0" in c for c in served_caveats(Settings(grader_model="/g"), Served))

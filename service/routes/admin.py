@@ -35,7 +35,7 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadR
     async with state.reload_lock:
         old = serving_state(request)
         policy_path = body.policy_path or settings.policy_path
-        weights_path = body.weights_path or settings.weights_path
+        weights_path = body.weights_path or settings.weights_file()
         for field, path in (("policy_path", body.policy_path), ("weights_path", body.weights_path),
                             ("heads_path", body.heads_path)):
             # Only regular files: a device (/dev/zero) or a FIFO would block or exhaust memory while loading.
