@@ -60,6 +60,7 @@ train() {  # arm reward
 evaluate() {  # arm model
   "$RBR" eval policy "$2" --name "$1" --service-url "$SERVICE_URL" --samples "$SAMPLES" \
     --max-tokens "$MAX_TOKENS" --bootstrap "$BOOTSTRAP" --seed "$SEED" ${LIMIT:+--limit "$LIMIT"} --no-progress \
+    --with-rm \
     -o "$OUT/eval-$1" >"$OUT/eval-$1.log" 2>&1
 }
 

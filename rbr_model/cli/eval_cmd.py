@@ -366,6 +366,9 @@ def policy_command(
                                                     "weights) instead of in process.")] = None,
     service_key: Annotated[str | None, typer.Option("--service-key", envvar="RBR_API_KEY", help="Bearer key "
                                                     "for --service-url.")] = None,
+    with_rm: Annotated[bool, typer.Option("--with-rm", help="With --service-url: let the service's reward model "
+                                          "(RBR_RM_ENGINE) score every completion too, and report the mean "
+                                          "rm_score beside the RBR reward.")] = False,
     heads_choice: Annotated[str, typer.Option("--heads", help="In-process grading: a heads file, `auto` (the "
                                               "packaged heads with the packaged policy) or `none` (prompted "
                                               "grader only).")] = "auto",
@@ -402,6 +405,9 @@ def policy_command(
                     minimum_acceptable_style (a refusal, a partial answer
                     and an off-topic reply all count against it).
     F1:             their harmonic mean.
+    Beside them (docs/policy-eval.md): the paper's own definitions from
+    the propositions (paper_*: no disallowed content; does not refuse)
+    and written refusal rules that share nothing with the reward (rules_*).
     Intervals: 95% bootstrap over prompts, stratified by response type.
 
     The numbers are as good as the grader (docs/grader-accuracy.md). samples.jsonl is reused when the model, prompts
@@ -418,6 +424,8 @@ def policy_command(
     if split not in (None, "train", "eval", "all"):
         raise fail(f"--split must be train, eval or all, not {split!r}")
     split = split or ("all" if prompts_path is not None else "eval")
+    if with_rm and service_url is None:
+        raise fail("--with-rm needs --service-url: the reward model is the service's (RBR_RM_ENGINE)")
     with failing(pe.PolicyEvalError, PolicyError, SynthError):
         config.check()
         policy = load_policy(policy_path)
@@ -445,7 +453,7 @@ def policy_command(
         texts = _sample_policy(pe, model_path, endpoint, endpoint_key, config, prompts, progress)
         pe.write_samples(samples_path, prompts, texts, meta)
     rows = _grade_policy_samples(pe, policy, prompts, texts, service_url, service_key, heads_choice, weights_path,
-                                 max_model_len, progress)
+                                 max_model_len, progress, with_rm)
     report = pe.build_report(rows, prompts, policy, spec, n_boot=bootstrap_n, seed=seed, per_class=per_class,
                              meta={**meta, "name": run_name, "grading": _grading_desc(service_url, heads_choice)})
     from rbr_model.eval_output import write_json
@@ -484,7 +492,8 @@ def _sample_policy(pe: Any, model_path: str, endpoint: str | None, endpoint_key:
 
 def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: Sequence[Sequence[str]],
                           service_url: str | None, service_key: str | None, heads_choice: str,
-                          weights_path: Path | None, max_model_len: int, progress: bool) -> list[Any]:
+                          weights_path: Path | None, max_model_len: int, progress: bool,
+                          with_rm: bool = False) -> list[Any]:
     from tqdm import tqdm
 
     from rbr_model.grading.engine import GradingError
@@ -497,7 +506,7 @@ def _grade_policy_samples(pe: Any, policy: Any, prompts: Sequence[Any], texts: S
 
     if service_url is not None:
         with failing(pe.PolicyEvalError, what="grading", code=1):
-            return asyncio.run(run(pe.ServiceScorer(service_url, service_key)))
+            return asyncio.run(run(pe.ServiceScorer(service_url, service_key, with_rm=with_rm)))
 
     settings = stack_settings(max_model_len=max_model_len, heads=heads_choice)
     chosen_heads(settings, policy)
