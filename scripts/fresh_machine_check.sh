@@ -31,6 +31,7 @@ WORK=${RBR_CHECK_DIR:-/tmp/rbr-fresh-check}
 IMAGE=$STAND_IN_PREFIX/debian-python:3.11
 SHARED=$(cd "$ROOT/.." && pwd)/shared
 RUN_ID=$$
+COMMIT=$(git rev-parse HEAD)
 CONTAINERS=()
 RESULTS=()
 
@@ -75,6 +76,7 @@ start_fresh() {
   local name=$1 command=$2 clone="$WORK/$1/main"
   mkdir -p "$WORK/$1"
   git clone -q --no-local "$ROOT" "$clone"
+  git -C "$clone" checkout -q "$COMMIT"  # both containers test the commit this run started on
   CONTAINERS+=("rbr-fresh-$name-$RUN_ID")
   docker run -d --name "rbr-fresh-$name-$RUN_ID" --network host --shm-size 2g \
     -v "$clone:/src/main" "${SHARED_MOUNT[@]}" "${PIP_MOUNTS[@]}" "${PIP_ENV[@]}" -e CI=true \
@@ -152,7 +154,7 @@ check_test() {
 [ "$WHAT" = serve ] || check_test
 
 echo
-echo "fresh machine check ($(git rev-parse --short HEAD), $(date -u +%Y-%m-%dT%H:%MZ)):"
+echo "fresh machine check (${COMMIT:0:7}, $(date -u +%Y-%m-%dT%H:%MZ)):"
 printf '  %s\n' "${RESULTS[@]}"
 for r in "${RESULTS[@]}"; do
   case "$r" in FAIL*) exit 1 ;; esac
