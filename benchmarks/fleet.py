@@ -32,10 +32,12 @@ import json
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,7 @@ class Record:
     error: str = ""
     keys: list[str] = field(default_factory=list)  # one per item: its (prompt, completion) hash
     cached: list[bool] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # one per item, as answered
 
 
 def load_groups() -> list[tuple[list[dict], str, list[str]]]:
@@ -85,14 +88,15 @@ def key(prompt: list[dict], completion: str) -> str:
     return hashlib.sha256(json.dumps([prompt, completion]).encode()).hexdigest()[:16]
 
 
-async def worker(index: int, urls: list[str], groups, args, stop_at: float, records: list[Record]) -> None:
+async def worker(index: int, urls: list[str], groups, args, stop: Callable[[], bool], records: list[Record]) -> None:
+    """One GRPO worker: requests until `stop()` says so; one Record per request into `records`."""
     from rbr_client import AsyncRewardClient, Item, RewardServiceError
 
     rng = random.Random(args.seed * 1000 + index)
     route = "/v1/rewards" if index % 2 == 0 else "/get_reward"
     urls = urls[index % len(urls):] + urls[:index % len(urls)]  # workers start on different replicas
     async with AsyncRewardClient(urls, max_retries=6, backoff_base=0.2, timeout=600) as client:
-        while time.monotonic() < stop_at:
+        while not stop():
             prompt, rtype, completions = rng.choice(groups)
             sample = [c if rng.random() < args.repeat_share else f"{c} (sample {rng.getrandbits(48):012x})"
                       for c in (rng.choice(completions) for _ in range(args.group))]
@@ -101,13 +105,15 @@ async def worker(index: int, urls: list[str], groups, args, stop_at: float, reco
             try:
                 if route == "/v1/rewards":
                     out = await client.rewards([Item(prompt, c, rtype, rm_score=0.0) for c in sample])
-                    cached = [r.cached for r in out]
+                    cached, rewards = [r.cached for r in out], [r.reward for r in out]
                 else:
                     head = chatml(prompt)
                     got = await client.get_reward([head + c + "<|im_end|>" for c in sample],
                                                   prompts=[head] * len(sample), labels=[rtype] * len(sample))
                     cached = [bool(x) for x in got.extra_logs.get("cached", [0.0] * len(sample))]
-                records.append(Record(route, len(sample), start, time.monotonic(), True, keys=keys, cached=cached))
+                    rewards = list(got.rewards)
+                records.append(Record(route, len(sample), start, time.monotonic(), True, keys=keys, cached=cached,
+                                      rewards=rewards))
             except RewardServiceError as exc:
                 records.append(Record(route, len(sample), start, time.monotonic(), False, str(exc), keys=keys))
 
@@ -170,6 +176,14 @@ def start_fleet(args, work: Path, procs: dict) -> None:
         replica.wait_ready()
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends this process as Ctrl-C does, so that `finally: stop_fleet(...)` runs and no server is left."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def stop_fleet(procs: dict) -> None:
     for replica in procs.get("replicas", []):
         replica.stop()
@@ -179,14 +193,23 @@ def stop_fleet(procs: dict) -> None:
         procs["redis"].stop()
 
 
-def summarize(records: list[Record], duration: float, urls: list[str], args) -> dict:
+def cache_counts(urls: list[str]) -> dict[str, float]:
+    """The replicas' feature-cache lookups so far, summed: {"hit": n, "miss": n}."""
+    return {k: sum(metric_value(u, "rbr_cache_requests_total", result=k) for u in urls) for k in ("hit", "miss")}
+
+
+def summarize(records: list[Record], duration: float, urls: list[str], args,
+              cache_before: dict[str, float] | None = None) -> dict:
+    """The figures of one run; `cache_before` (cache_counts at its start) when the replicas served earlier runs."""
     ok = [r for r in records if r.ok]
     lat = {route: [r.end - r.start for r in ok if r.route == route] for route in ("/v1/rewards", "/get_reward")}
     all_lat = [x for v in lat.values() for x in v]
     items = sum(r.items for r in ok)
     hits = sum(sum(r.cached) for r in ok)
     graded, dup = cross_replica_duplicates(records)
-    cache = {k: sum(metric_value(u, "rbr_cache_requests_total", result=k) for u in urls) for k in ("hit", "miss")}
+    cache = cache_counts(urls)
+    if cache_before:
+        cache = {k: v - cache_before.get(k, 0.0) for k, v in cache.items()}
     return {
         "replicas": args.replicas, "workers": args.workers, "group": args.group, "heads": args.heads,
         "repeat_share": args.repeat_share,
@@ -209,7 +232,8 @@ async def play(urls: list[str], args) -> tuple[list[Record], float]:
     records: list[Record] = []
     start = time.monotonic()
     stop_at = start + args.duration
-    await asyncio.gather(*(worker(i, urls, groups, args, stop_at, records) for i in range(args.workers)))
+    await asyncio.gather(*(worker(i, urls, groups, args, lambda: time.monotonic() >= stop_at, records)
+                           for i in range(args.workers)))
     return records, time.monotonic() - start
 
 
@@ -231,6 +255,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
+    stop_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="rbr-fleet-"))
     print(f"logs in {work}", flush=True)
     procs: dict = {}
