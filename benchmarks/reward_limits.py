@@ -84,7 +84,8 @@ class Data:
 
         if not (run / "reward_rows.jsonl").is_file():
             raise SystemExit(f"{run}/reward_rows.jsonl not found. Make it (heads refitted out of fold; it loads the "
-                             f"language model to extract trunk states) with\n  rbr eval reward --gold {gold} --out {run}")
+                             f"language model to extract trunk states) with\n"
+                             f"  rbr eval reward --gold {gold} --out {run}")
         if "test" in gold.name:
             raise SystemExit(f"{gold}: use the train split (these figures feed design choices)")
         self.policy, self.gold, self.mapping, _ = load_labelled([gold], None, None)
