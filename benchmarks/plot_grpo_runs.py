@@ -17,6 +17,10 @@ import numpy as np
 
 SERIES = (("rbr_reward/rbr_reward", "served RBR reward"), ("rbr_reward/class/ideal", "P(ideal)"),
           ("rbr_reward/class/disallowed_completion", "P(disallowed)"))
+# --with-rm: runs against a service with a reward model log all three parts of the same response
+SERIES_WITH_RM = (("rbr_reward/rm_score", "served rm_score"), ("rbr_reward/rbr_reward", "served RBR reward"),
+                  ("rbr_reward/reward", "served total (rm + RBR)"),
+                  ("rbr_reward/class/disallowed_completion", "P(disallowed)"))
 
 
 def load(run: Path) -> list[dict]:
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--names", default=None, help="comma-separated labels (default: folder names)")
     ap.add_argument("--window", type=int, default=10, help="steps per moving average (default 10)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--with-rm", action="store_true", help="plot rm_score, RBR reward, total and P(disallowed)")
     args = ap.parse_args(argv)
     import matplotlib
 
@@ -40,12 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
-    fig, axes = plt.subplots(1, len(SERIES), figsize=(5 * len(SERIES), 3.8))
+    series = SERIES_WITH_RM if args.with_rm else SERIES
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.8))
     for j, (run, name) in enumerate(zip(args.runs, names, strict=True)):
         rows = load(run)
         steps = np.array([r["step"] for r in rows])
         parts = []
-        for ax, (key, title) in zip(axes, SERIES, strict=True):
+        for ax, (key, title) in zip(axes, series, strict=True):
             v = np.array([r.get(key, np.nan) for r in rows], dtype=float)
             s = smooth(v, args.window)
             ax.plot(steps, v, color=f"C{j}", alpha=0.15)
