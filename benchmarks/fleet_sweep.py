@@ -220,7 +220,8 @@ def plot(steps: list[dict], path: Path) -> None:
         ax_l.plot(w, [s["latency_p50_s"] for s in rows], "x--", color=line.get_color(), label=f"p50, {r}")
     for ax, title, ylabel in ((ax_t, "throughput", "completions/s"), (ax_l, "latency per request", "seconds")):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.set_ylim(bottom=0)  # from 0: a noisy flat line must look flat
         ax.set_xlabel("workers")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

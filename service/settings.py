@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     max_chars: int = Field(65_536, description="Characters per prompt or completion text (413 above).")
     max_body_bytes: int = Field(32 * 1024 * 1024, description="Request body size (413 above).")
     request_timeout_s: float | None = Field(None, description="Per-request deadline in seconds (504 after).")
-    retry_after_s: int = Field(1, description="Retry-After seconds sent with 429.")
+    retry_after_s: int = Field(1, ge=0, description="Least Retry-After seconds sent with 429; the server sends more, "
+                               "drawn between the time its work in flight needs to make room and to drain (up to "
+                               "60, or this value when larger).")
 
     @model_validator(mode="after")
     def _engines_can_start(self) -> Settings:

@@ -6,8 +6,9 @@
   OpenAPI schemas (pip `kubernetes-validate`, strict: unknown fields fail); the one custom resource, the
   ServiceMonitor, against a schema of the prometheus-operator fields we use. Cross references (ConfigMaps, Secret,
   selectors, probes, ports) are checked on the rendered objects. fleet-gpu (CPU-only API pods, a vLLM grading tier):
-  the API pods' remote URLs reach GPU vLLM Deployments with the right runner, its paths are the images', and vLLM's
-  own `serve` parser accepts the servers' arguments.
+  the API pods' remote URLs reach GPU vLLM Deployments with the right runner, its paths are the images', vLLM's
+  own `serve` parser accepts the servers' arguments, and each grading Deployment is scaled by its own HPA on the
+  metric the prometheus-adapter rule publishes for vllm:num_requests_waiting.
 - prometheus.yml and alerts.yml pass `promtool check config` / `check rules`, the alert unit tests pass
   (`promtool test rules`), and every dashboard query is valid PromQL.
 - Every rbr_ metric an alert or a dashboard panel uses is one the service defines (the live /metrics check,
@@ -471,14 +472,21 @@ def test_k8s_overlay_wiring(overlay):
     assert svc["spec"]["ports"][0]["targetPort"] in port_names
 
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert len(hpas) == 1, "one autoscaler, on the API Deployment"
-    hpa = hpas[0]
+    api_hpas = [h for h in hpas if h["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]]
+    assert len(api_hpas) == 1, "one autoscaler on the API Deployment"
+    # The others scale fleet-gpu's grading tier (test_fleet_grading_tier_scales_on_vllm_waiting_requests).
+    assert len(hpas) == 1 or name == "fleet-gpu", f"{name}: autoscalers other than the API's"
+    hpa = api_hpas[0]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rbr-serve"}
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "rbr_inflight_judgments"
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    # Every metric it scales on is one the service exports and the adapter publishes.
+    # Every custom metric it scales on is one the service exports and the adapter publishes (a `Resource` metric,
+    # such as fleet-gpu's cpu, comes from the metrics server).
     exported = exposed_names(_service_metrics())
     for m in hpa["spec"]["metrics"]:
+        assert m["type"] in ("Pods", "Resource"), m
+        if m["type"] == "Resource":
+            continue
         metric = m["pods"]["metric"]["name"]
         assert metric in exported and metric in adapter_metrics(), f"{name}: HPA metric {metric} is not served"
 
@@ -509,19 +517,61 @@ def _service_metrics() -> str:
     return Metrics().render(include_engine=False).decode()
 
 
+def _adapter_rules() -> list[dict]:
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    return values["rules"]["custom"]
+
+
+def _adapter_rule_names(rule: dict) -> tuple[str, str]:
+    """(series, published): the Prometheus series a prometheus-adapter rule reads (the metric name of its
+    seriesQuery) and the custom metric name it publishes (its `name.as` template applied to what `name.matches`
+    matches in the series name, as the adapter does with Go's ReplaceAllString)."""
+    series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+    matches, template = rule["name"]["matches"], rule["name"]["as"]
+    assert re.search(matches, series), f"rule for {series}: name.matches {matches!r} does not match it"
+    published = re.sub(matches, re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", template), series)
+    # A custom metric name is a path segment of the custom metrics API: no `:`.
+    assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", published), f"{series} is published as {published!r}"
+    return series, published
+
+
+def adapter_series() -> dict[str, str]:
+    """{custom metric name prometheus-adapter publishes with k8s/prometheus-adapter/values.yaml: the series it
+    reads}."""
+    pairs = [_adapter_rule_names(rule) for rule in _adapter_rules()]
+    published = [p for _, p in pairs]
+    assert len(published) == len(set(published)), f"two rules publish the same name: {published}"
+    return {p: s for s, p in pairs}
+
+
 def adapter_metrics() -> set[str]:
     """The custom metric names prometheus-adapter publishes with k8s/prometheus-adapter/values.yaml."""
-    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
-    return {rule["name"]["as"] for rule in values["rules"]["custom"]}
+    return set(adapter_series())
+
+
+def test_adapter_rule_names():
+    """The name mapping the tests read out of the adapter rules, on rules of the shape values.yaml uses."""
+    rule = {"seriesQuery": 'vllm:num_requests_waiting{namespace!="",pod!=""}',
+            "name": {"matches": "^vllm:num_requests_waiting$", "as": "vllm_num_requests_waiting"}}
+    assert _adapter_rule_names(rule) == ("vllm:num_requests_waiting", "vllm_num_requests_waiting")
+    rule["name"] = {"matches": "^vllm:(.*)$", "as": "vllm_${1}"}
+    assert _adapter_rule_names(rule) == ("vllm:num_requests_waiting", "vllm_num_requests_waiting")
+    rule["name"] = {"matches": "^vllm:num_requests_waiting$", "as": "vllm:num_requests_waiting"}
+    with pytest.raises(AssertionError, match="published as"):
+        _adapter_rule_names(rule)
+    rule["name"] = {"matches": "^vllm:num_requests_running$", "as": "vllm_num_requests_waiting"}
+    with pytest.raises(AssertionError, match="does not match"):
+        _adapter_rule_names(rule)
 
 
 def test_prometheus_adapter_rule_serves_the_hpa_metric():
-    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
-    rule = values["rules"]["custom"][0]
     hpa = yaml.safe_load((K8S / "base" / "hpa.yaml").read_text())
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert rule["name"]["as"] == metric and metric in rule["seriesQuery"]
-    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    assert adapter_series().get(metric) == metric, f"no adapter rule publishes the service's {metric}"
+    for rule in _adapter_rules():  # per pod and namespace, so that a Pods metric of an HPA finds it
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        assert "sum by (<<.GroupBy>>)" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
 
 
 def test_k8s_policy_and_weights_belong_together():
@@ -630,7 +680,7 @@ def test_fleet_api_pods_are_cpu_only_and_grade_on_the_grading_services(fleet_doc
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert "/home/rbr" in {m["mountPath"] for m in container["volumeMounts"]}, "vLLM's caches need a writable $HOME"
-        assert dep["spec"]["replicas"] >= 1  # no autoscaler owns the grading tier (k8s/README.md says what would)
+        assert "replicas" not in dep["spec"], "the grading tier's HPAs own the replica count"
 
     # Only API pods (and Prometheus) reach the grading servers.
     netpol = by_kind(docs, "NetworkPolicy", "rbr-vllm")[0]["spec"]
@@ -641,8 +691,68 @@ def test_fleet_api_pods_are_cpu_only_and_grade_on_the_grading_services(fleet_doc
     allowed = netpol["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert allowed.items() <= api_pod["metadata"]["labels"].items(), "rbr-serve pods must reach the grading servers"
 
-    hpa = by_kind(docs, "HorizontalPodAutoscaler")[0]
+    hpa = by_kind(docs, "HorizontalPodAutoscaler", "rbr-serve")[0]
     assert hpa["spec"]["scaleTargetRef"]["name"] == api["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "rbr_inflight_judgments", "it bounds admission"
+    # ... and CPU, which behind a GPU grading tier is predicted to saturate first: one event loop, one core asked
+    cpu = [m["resource"]["target"] for m in hpa["spec"]["metrics"] if m["type"] == "Resource"
+           and m["resource"]["name"] == "cpu"]
+    assert cpu == [{"type": "Utilization", "averageUtilization": 70}], hpa["spec"]["metrics"]
+    assert api_pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "1", "utilisation is of the request"
+
+
+# The vLLM series the grading tier scales on: requests its scheduler holds behind the running batch.
+VLLM_WAITING = "vllm:num_requests_waiting"
+# (minReplicas, maxReplicas) per grading Deployment: the trunk grades every headed proposition, the generate
+# server only those without heads (none by default).
+GRADING_REPLICAS = {"rbr-vllm-pooling": (1, 8), "rbr-vllm-generate": (1, 4)}
+
+
+def test_fleet_grading_tier_scales_on_vllm_waiting_requests(fleet_docs):
+    """The fleet sweep found the grading servers saturate first (issue #22): each grading Deployment has an HPA
+    on the custom metric the adapter publishes for vLLM's waiting requests, no `replicas` of its own, and prod-gpu's
+    slow scale-down (a GPU pod takes minutes to start)."""
+    docs = fleet_docs
+    published = [name for name, series in adapter_series().items() if series == VLLM_WAITING]
+    assert len(published) == 1, f"one prometheus-adapter rule must publish {VLLM_WAITING}"
+    metric = published[0]
+    grading = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")
+               if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "grading"}
+    assert set(grading) == set(GRADING_REPLICAS)
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    targets = [h["spec"]["scaleTargetRef"]["name"] for h in hpas]
+    assert sorted(targets) == sorted(["rbr-serve", *grading]), "one HPA per Deployment it scales, API included"
+    prod_api_hpa = by_kind(render(K8S / "overlays" / "prod-gpu"), "HorizontalPodAutoscaler", "rbr-serve")[0]
+
+    for name, dep in grading.items():
+        assert "replicas" not in dep["spec"], f"{name}: its HPA owns the replica count"
+        hpa = next(h for h in hpas if h["spec"]["scaleTargetRef"]["name"] == name)["spec"]
+        assert hpa["scaleTargetRef"] == {"apiVersion": dep["apiVersion"], "kind": "Deployment", "name": name}
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == GRADING_REPLICAS[name]
+        assert len(hpa["metrics"]) == 1, f"{name}: one metric, vLLM's queue"
+        m = hpa["metrics"][0]
+        assert m["type"] == "Pods" and m["pods"]["metric"] == {"name": metric}, f"{name}: scales on {m}"
+        assert m["pods"]["target"]["type"] == "AverageValue" and float(m["pods"]["target"]["averageValue"]) > 0
+        assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 60
+        assert hpa["behavior"]["scaleDown"] == prod_api_hpa["spec"]["behavior"]["scaleDown"], \
+            f"{name}: scale down as slowly as prod-gpu's GPU pods"
+    # The servers' series reach Prometheus: the ServiceMonitor selects both grading Services.
+    monitor = by_kind(docs, "ServiceMonitor", "rbr-vllm")[0]["spec"]["selector"]["matchLabels"]
+    for name in grading:
+        assert monitor.items() <= by_kind(docs, "Service", name)[0]["metadata"]["labels"].items()
+
+
+def test_vllm_exports_the_series_the_grading_tier_scales_on():
+    """The series the adapter rule reads is one vLLM defines (read from its source; importing vLLM is slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
+        pytest.skip("vLLM not installed")
+    metrics_dir = Path(spec.submodule_search_locations[0]) / "v1" / "metrics"
+    assert any(f'name="{VLLM_WAITING}"' in f.read_text() for f in metrics_dir.glob("*.py")), \
+        f"vLLM no longer defines {VLLM_WAITING}"
+    assert VLLM_WAITING in adapter_series().values()
 
 
 def test_fleet_paths_are_the_images_and_settings_load(fleet_docs, monkeypatch, tmp_path):

@@ -41,7 +41,8 @@ from redis_server import RedisServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.redis]
 
-READY_TIMEOUT_S = float(os.environ.get("RBR_TEST_READY_TIMEOUT_S", "420"))  # CPU engine + model load on 2 cores
+# CPU engines + model load on 2 cores; under scripts/stress_test.sh (2 CPU hogs) start-up once passed 420 s
+READY_TIMEOUT_S = float(os.environ.get("RBR_TEST_READY_TIMEOUT_S", "900"))
 SCRAPE_INTERVAL_S = EVALUATION_INTERVAL_S = 1  # the test's prometheus.yml: scrape_timeout = scrape_interval
 SCRAPE_WAIT_S = 60  # for a successful scrape after the requests, then for a rule evaluation after that scrape
 REWARD_ITEM = {"prompt": "hi", "completion": "Hello!", "response_type": "comply", "rm_score": 0.5}

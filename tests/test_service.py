@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import time
 from contextlib import asynccontextmanager
 
@@ -188,6 +189,51 @@ async def test_limits_and_validation_name_the_field(grader_engine):
         r = await client.post("/v1/rewards", content=nan_body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "rm_score" in r.json()["error"]["field"]
         assert metric(client, "rbr_judgments_total") == 0  # nothing invalid reached the engine
+
+
+def test_retry_after_spreads_clients_over_the_time_the_work_in_flight_needs():
+    import random
+
+    from service.errors import Overloaded
+    from service.metrics import Metrics
+    from service.scoring import Admission
+
+    now = [100.0]
+    admission = Admission(100, Metrics(), retry_after_s=1, clock=lambda: now[0], rng=random.Random(0))
+
+    def refused(judgments):
+        with pytest.raises(Overloaded) as info, admission.admit(judgments):
+            pass
+        return int(info.value.headers["Retry-After"])
+
+    with admission.admit(80):
+        assert refused(40) == 1  # nothing has finished yet: no rate, the least wait
+        for _ in range(10):  # beside it, 10 requests of 10 judgments finish over 10 s
+            now[0] += 1.0
+            with admission.admit(10):
+                pass
+        rate = 100 / 9.0  # 100 judgments since the first finished, 9 s ago
+        assert admission.finished_per_s() == pytest.approx(rate)
+        # between making room (20 over the bound: 1.8 s) and draining the 80 in flight (7.2 s), whole seconds
+        waits = [refused(40) for _ in range(200)]
+        assert set(waits) <= set(range(math.ceil(20 / rate), math.ceil(80 / rate) + 1))
+        assert min(waits) <= 3 and max(waits) >= 7  # spread, not one value for everyone
+        now[0] += 200.0  # the window forgets old work: no rate again
+        assert refused(40) == 1
+        with admission.admit(1):
+            pass  # one judgment that finished at once counts over at least a second: 1/s, never a division by ~0
+        assert admission.finished_per_s() == 1.0
+        assert refused(100) == Admission.RETRY_AFTER_MAX_S  # 80 s at least at 1/s: capped at the most
+        admission.retry_after_s = 90  # an operator's least wait above the cap is kept, not cut to the cap
+        assert refused(100) == 90
+        admission.retry_after_s = 1
+    # the window is trimmed as work finishes, not only when something is refused: no growth without 429s
+    for _ in range(1000):
+        now[0] += 1.0
+        with admission.admit(1):
+            pass
+    assert len(admission._finished) <= Admission.RATE_WINDOW_S + 1
+    assert admission.finished_per_s() == pytest.approx(31 / 30.0)  # 31 finishes in the last 30 s
 
 
 async def test_overload_gets_429_with_retry_after(grader_engine):

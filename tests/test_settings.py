@@ -39,6 +39,11 @@ def test_memory_fractions_are_bounded(field, value):
         Settings(**{field: value})
 
 
+def test_a_negative_retry_after_is_refused_naming_it():
+    with pytest.raises(ValidationError, match="retry_after_s"):
+        Settings(retry_after_s=-1)
+
+
 async def test_rm_settings_reach_the_remote_rm_engine(monkeypatch):
     monkeypatch.setenv("RBR_RM_API_KEY", "rm-secret")
     settings = Settings()
