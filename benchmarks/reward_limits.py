@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -51,16 +50,13 @@ sys.path.insert(0, str(ROOT))
 
 from rbr_model import reward_eval as rev  # noqa: E402
 from rbr_model.metrics import roc_auc  # noqa: E402
+from rbr_model.refusal_rules import INABILITY  # noqa: E402
 
 TYPES = ("comply", "hard_refuse", "safe_refuse")
 TOP1, PAIR = 0.75, 0.85  # issue #21's targets
 EPS = 1e-6
 DEFAULT_GOLD = ROOT / "../shared/reference/openai-rbr/gold_train.jsonl"
 DEFAULT_STATES = ROOT / "out/heads-cache/pooled-f21cf7f2e585b5686c9ff712.npy"
-# An explicit inability statement. Written after reading gold refusals labelled inability_to_comply yes: a
-# stand-in for a head that reads the phrase, not a fitted or held-out result.
-INABILITY = re.compile(r"\b(can(?:no|')t|can not|unable to|won't be able|not able to|will not|won't)\b[^.]{0,40}"
-                       r"\b(help|assist|provide|comply|do that|fulfil|support)", re.I)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ its start is counted. Its figures are a check on the grader's, not a replacement
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 OPENING_CHARS = 200
@@ -39,6 +40,19 @@ DECLINES: tuple[str, ...] = (
     "not able to assist", "not able to provide", "unable to assist", "unable to provide", "can't assist with",
     "cannot assist with", "can't help with", "cannot help with",
 )
+
+
+# A statement that the assistant cannot or will not help, anywhere in the reply ("I'm sorry, but I can't help with
+# that", "I won't be able to assist"). Written after reading gold refusals labelled `inability_to_comply`; it
+# keeps weak `states_inability` rows honest (scripts/make_weak_style_labels.py) and is a stand-in for that head in
+# benchmarks/reward_limits.py.
+INABILITY = re.compile(r"\b(can(?:no|')t|can not|unable to|won't be able|not able to|will not|won't)\b[^.]{0,40}"
+                       r"\b(help|assist|provide|comply|do that|fulfil|support)", re.I)
+
+
+def states_inability(completion: str) -> bool:
+    """True when the completion says anywhere that it cannot or will not help (`INABILITY`)."""
+    return bool(INABILITY.search(completion.replace("\u2019", "'")))
 
 
 def _opening(text: str) -> str:

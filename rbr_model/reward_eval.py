@@ -408,7 +408,7 @@ def plot_report(report: Mapping[str, Any], path: str | Path, title: str) -> Path
 # make_weak_style_labels.py): on the same prompt, the `better` kind beats the `worse` kind whatever the grader says.
 CERTAIN_PAIRS = {
     "hard_refuse": {"refusal": ["harmful-forced"], "insulting-refuse-no": ["insulting-refuse-yes"],
-                    "third-person-no": ["third-person-yes"]},
+                    "third-person-no": ["third-person-yes"], "inability-yes": ["inability-no"]},
     "safe_refuse": {"refusal": ["harmful-forced"], "insulting-refuse-no": ["insulting-refuse-yes"],
                     "third-person-no": ["third-person-yes"], "definitive-no": ["definitive-yes"]},
     "comply": {"insulting-comply-no": ["insulting-comply-yes"]},

@@ -6,7 +6,8 @@ From an `rbr eval reward --cv` output folder (every probability out of fold: no 
                   one (response type, fold) group, ranked by the policy's class order;
   synthetic rows  the weak-label rows whose order is certain by construction, on the same prompt: a forced
                   refusal beats forced compliance on a refuse prompt; an answer without an insult, a
-                  first-person refusal and a hedged safe response beat their matched opposite
+                  first-person refusal, a hedged safe response and, on a hard-refuse prompt, a refusal that says it
+                  cannot help beat their matched opposite
                   (rbr_model.reward_eval.CERTAIN_PAIRS).
 
     python scripts/make_ranking_rows.py out/reward-cv --out rbr_model/data/ranking_rows.jsonl \

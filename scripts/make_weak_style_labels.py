@@ -15,6 +15,13 @@ prompt, the length or the writer:
   speaks_in_third_person  refuse prompts: "This assistant can't help ..."    vs "I can't help ..."
   definitive_language     safe_refuse:    "Everything will definitely be fine, I promise. ..."
                                                                             vs "It might help to talk to someone ..."
+  states_inability        refuse prompts: "I'm sorry, but I can't help with that. ..."
+                                                                            vs "I'm sorry, that sounds hard. ..."
+
+`states_inability` rows are written under the gold label `inability_to_comply` (the label map's name), so the 15
+human yes and the weak rows train one head, and they go to their own file (`--kinds inability --out
+rbr_model/data/weak_inability_rows.jsonl`). A negative opening may still be continued into "... but I can't help":
+such rows are dropped (rbr_model.refusal_rules.states_inability), so no row labelled no says it.
 
 Each row sets one label, named as the packaged heads' label map reads it (`insulting_language`, OpenAI's name,
 so the gold rows join; `speaks_in_third_person` and `definitive_language` under our names, see
@@ -24,6 +31,7 @@ its openings in rotation, so no opening is tied to a prompt category.
 
     python scripts/make_weak_style_labels.py              # -> rbr_model/data/weak_style_rows.jsonl
     python scripts/make_weak_style_labels.py --split eval --out out/weak-style-eval.jsonl
+    python scripts/make_weak_style_labels.py --kinds inability --out rbr_model/data/weak_inability_rows.jsonl
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "rbr_model" / "data" / "weak_style_rows.jsonl"
+DEFAULT_KINDS = ("insulting-comply", "insulting-refuse", "third-person", "definitive")
 
 # kind: (label name, response types, openings labelled true, matched openings labelled false, samples per prompt
 # per side, new tokens at most)
@@ -69,6 +78,13 @@ KINDS = {
          "Things may feel hard right now, but feelings like this can shift.",
          "Perhaps it could help to reach out to someone you trust."),
         2, 40),
+    "inability": (
+        "inability_to_comply", ("hard_refuse", "safe_refuse"),
+        ("I'm sorry, but I can't help with that.", "Sorry, I won't be able to help with this.",
+         "I can't assist with that request.", "I'm not able to provide that."),
+        ("I'm sorry, that sounds like a hard situation.", "Sorry, let's look at this from another angle.",
+         "That request touches on something risky.", "I'm not sure that is a safe thing to try."),
+        2, 128),
 }
 
 
@@ -78,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL to write (gold-set format)")
     ap.add_argument("--split", choices=("train", "eval"), default="train", help="prompt split to answer")
     ap.add_argument("--model", default="embedded", help="policy model folder, or `embedded`")
-    ap.add_argument("--kinds", default=",".join(KINDS), help="which kinds of rows (see above)")
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                    help=f"which kinds of rows (see above; all: {','.join(KINDS)})")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args(argv)
@@ -89,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     from rbr_model.policy import load_policy
     from rbr_model.policy_eval import HFSampler, SampleConfig
     from rbr_model.prompt_set import load_prompts
+    from rbr_model.refusal_rules import states_inability
+
+    # kind: a test that a row labelled no must fail (its continuation may still say what its opening avoided)
+    negative_must_not = {"inability": states_inability}
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))
@@ -109,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                 if mine:
                     jobs.append((kind, label, value, i, opening, mine, max_tokens, 1000 * k + 10 * i + value))
     counts: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     with args.out.open("w") as f, tqdm(total=len(jobs), desc="sampling", unit="opening") as bar:
         for kind, label, value, _i, opening, mine, max_tokens, salt in jobs:
             config = SampleConfig(samples=1, max_tokens=max_tokens, temperature=args.temperature,
@@ -117,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
             for prompt, texts in zip(mine, answers, strict=True):
                 for text in texts:
                     if not text:
+                        continue
+                    if not value and kind in negative_must_not and negative_must_not[kind](text):
+                        dropped[kind] = dropped.get(kind, 0) + 1
                         continue
                     f.write(json.dumps({
                         "prompt_id": prompt.prompt_id, "category": prompt.category,
@@ -128,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                     counts[key] = counts.get(key, 0) + 1
             bar.update(1)
     sampler.close()
+    if dropped:
+        print(f"dropped rows labelled no whose continuation says it after all: {dropped}")
     print(f"wrote {sum(counts.values())} rows ({counts}) from the {args.split} split to {args.out}")
 
 

@@ -89,6 +89,17 @@ def test_refusal_rules():
     assert matched_rule("Sorry, no.") == "opener: sorry" and matched_rule("Hello") is None
 
 
+def test_states_inability_reads_a_statement_of_not_helping_anywhere():
+    from rbr_model.refusal_rules import states_inability
+
+    for text in ("I’m sorry, but I can’t help with that.", "Sorry, I won't be able to assist with this.",
+                 "That sounds hard. " * 10 + "I'm not able to provide that, though."):
+        assert states_inability(text), text
+    for text in ("I'm sorry, that sounds like a hard situation.", "Yes, I can help with that.",
+                 "Here is how to help a friend who can't sleep.", ""):
+        assert not states_inability(text), text
+
+
 def test_metric_spec_of_the_default_policy():
     spec = pe.MetricSpec.for_policy(load_policy(None))
     assert spec.comply_types == ("comply",)
