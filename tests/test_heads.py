@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from rbr_model.heads import Heads, HeadsError, build_input, packaged_heads_path
+from rbr_model.heads import MEAN, MEAN_AND_MAX, POOLING, Heads, HeadsError, build_input, packaged_heads_path, pool_span
 from rbr_model.heads.evaluation import cross_validated_report
 from rbr_model.heads.fitting import (
     Task,
@@ -84,6 +84,11 @@ def test_save_load_round_trip_is_exact(tmp_path):
     ({"propositions": ["apology", "apology"]}, "propositions: duplicate"),
     ({"grader": {"model_id": "trunk", "layer": 15}}, "grader.model_hash: missing"),
     ({"policy": {"name": "x"}}, "policy.fingerprint: missing"),
+    ({"grader": {"model_id": "trunk", "model_hash": "abc123", "layer": 15, "pooling": "median"}},
+     "grader.pooling: 'median' is not one of"),
+    ({"mean": np.zeros(D + 1), "scale": np.ones(D + 1), "weights": np.zeros((2, D + 1)),
+      "grader": {"model_id": "trunk", "model_hash": "abc123", "layer": 15, "pooling": MEAN_AND_MAX}},
+     "mean: width 9 is not a multiple of 2"),
 ])
 def test_bad_heads_are_refused_naming_the_field(overrides, field):
     with pytest.raises(HeadsError, match="test.npz: " + field):
@@ -118,10 +123,27 @@ def test_heads_for_another_model_or_policy_are_refused():
         make_heads(propositions=["apology", "no_such"]).check_policy(POLICY)
 
 
+def test_mean_and_max_heads_read_twice_the_trunk_width():
+    heads = make_heads(grader={"model_id": "trunk", "model_hash": "abc123", "layer": 15, "pooling": MEAN_AND_MAX})
+    assert (heads.pooling, heads.width, heads.hidden_size) == (MEAN_AND_MAX, D, D // 2)
+    heads.check_model("trunk", "abc123", D // 2)
+    with pytest.raises(HeadsError, match="width 8 \\(mean-and-max-over-completion\\), the model's hidden size is 8"):
+        heads.check_model("trunk", "abc123", D)
+    assert make_heads().pooling == MEAN and make_heads().hidden_size == D  # files before the pooling was recorded
+
+
+def test_pool_span_is_the_mean_and_then_the_maximum():
+    span = np.array([[1.0, -2.0, 0.5], [3.0, -4.0, 0.5], [-1.0, 0.0, 2.0]])
+    assert pool_span(span, MEAN).tolist() == [1.0, -2.0, 1.0]
+    assert pool_span(span, MEAN_AND_MAX).tolist() == [1.0, -2.0, 1.0, 3.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="pooling 'sum'"):
+        pool_span(span, "sum")
+
+
 def test_packaged_heads_fit_the_default_policy():
     heads = Heads.load(packaged_heads_path())
     heads.check_policy(POLICY)
-    assert heads.grader["layer"] == 15 and heads.hidden_size == 576
+    assert heads.grader["layer"] == 15 and heads.hidden_size == 576 and heads.pooling == POOLING
     assert set(heads.propositions) <= set(POLICY.propositions) and len(heads.propositions) >= 15
     assert packaged_heads_path().stat().st_size < 500_000  # a few hundred KB at most: it ships in the wheel
 

@@ -89,8 +89,9 @@ def state_engine(trunk):
         runner.stop()
 
 
-def reference_pooled(model_path: Path, tokenizer, items, layer: int) -> np.ndarray:
-    """transformers on the full model: layer `layer`'s output, the final norm, the mean over the completion."""
+def reference_pooled(model_path: Path, tokenizer, items, layer: int, pooling: str) -> np.ndarray:
+    """transformers on the full model: layer `layer`'s output, the final norm, the mean over the completion (and
+    beside it the per-dimension maximum, for mean-and-max heads)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +101,9 @@ def reference_pooled(model_path: Path, tokenizer, items, layer: int) -> np.ndarr
         for conv, completion in items:
             inp = build_input(tokenizer, conv, completion, 4096)
             hidden = model(torch.tensor([inp.ids]), output_hidden_states=True).hidden_states[layer][0]
-            out.append(model.model.norm(hidden)[inp.start:inp.end].mean(0).double().numpy())
+            span = model.model.norm(hidden)[inp.start:inp.end].double()
+            parts = [span.mean(0)] + ([span.max(0).values] if pooling == "mean-and-max-over-completion" else [])
+            out.append(torch.cat(parts).numpy())
     return np.stack(out)
 
 
@@ -112,9 +115,9 @@ def test_packaged_heads_fit_the_trunk_prepared_here(trunk):
 
 async def test_vllm_pooling_agrees_with_transformers(state_engine, grader_model_path):
     inputs = [build_input(state_engine.tokenizer, c, x, 4096) for c, x in ITEMS]
-    pooled = await state_engine.pooled(inputs)
+    pooled = await state_engine.pooled(inputs, HEADS.pooling)
     ref = await asyncio.to_thread(reference_pooled, grader_model_path, state_engine.tokenizer, ITEMS,
-                                  int(HEADS.grader["layer"]))
+                                  int(HEADS.grader["layer"]), HEADS.pooling)
     # Both are float32 forward passes of the same weights: the states agree to ~1e-5 relative (measured 2e-5
     # absolute on values up to 25); 1e-3 relative leaves room for other kernels.
     assert np.allclose(pooled, ref, rtol=1e-3, atol=1e-3)
@@ -139,7 +142,7 @@ async def test_grader_mixes_heads_and_prompts(grader_engine, state_engine):
     both = await asyncio.gather(*(grader.grade([(conv, completion, [*headed, unheaded])]) for _ in range(2)))
     assert both[0] == both[1] and grader.head_requests == 1
     got = both[0][0]
-    pooled = await state_engine.pooled([build_input(state_engine.tokenizer, conv, completion, 4096)])
+    pooled = await state_engine.pooled([build_input(state_engine.tokenizer, conv, completion, 4096)], HEADS.pooling)
     # One input alone vs. batched with its twin: float32 states differ by batching at most ~1e-5.
     assert got[headed[0]] == pytest.approx(HEADS.predict(pooled, [headed[0]])[0, 0], abs=P_TOL)
     (alone,) = await prompted_only.grade([(conv, completion, [unheaded])])
@@ -177,7 +180,8 @@ async def test_service_answers_with_heads_by_default_and_reload_refuses_bad_head
         assert first.status_code == 200, first.text
         res = first.json()["results"]
         assert all(np.isfinite(r["reward"]) for r in res)
-        pooled = await state_engine.pooled([build_input(state_engine.tokenizer, ITEMS[0][0], ITEMS[0][1], 4096)])
+        pooled = await state_engine.pooled([build_input(state_engine.tokenizer, ITEMS[0][0], ITEMS[0][1], 4096)],
+                                           HEADS.pooling)
         for name in set(res[0]["features"]) & set(HEADS.propositions):
             assert res[0]["features"][name] == pytest.approx(HEADS.predict(pooled, [name])[0, 0], abs=P_TOL)
 
@@ -255,7 +259,7 @@ async def test_remote_pooling_server_gives_the_same_states(state_engine, trunk, 
         remote = RemoteStateEngine(server.url, trunk)
         assert remote.model_hash == state_engine.model_hash and await remote.health()
         inputs = [build_input(remote.tokenizer, c, x, 4096) for c, x in ITEMS]
-        theirs, mine = await remote.pooled(inputs), await state_engine.pooled(inputs)
+        theirs, mine = await remote.pooled(inputs, HEADS.pooling), await state_engine.pooled(inputs, HEADS.pooling)
         # Both float32 (the server gets --dtype float32), batched differently: same arithmetic, other order.
         assert np.allclose(theirs, mine, rtol=1e-4, atol=1e-4)
         assert np.max(np.abs(HEADS.predict(theirs) - HEADS.predict(mine))) < P_TOL

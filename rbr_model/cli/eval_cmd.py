@@ -275,7 +275,8 @@ def run_heads_evaluation(gold: Path, rows: list, mapping: Mapping[str, str], hea
     extra_rows = _heads_extra_rows(heads) if cv else []
     with failing(GradingError, what="extracting hidden states", code=1):
         pooled, identity = asyncio.run(pooled_states(trunk, [*rows, *extra_rows], max_model_len=max_model_len,
-                                                     cache_dir=cache_dir, progress=progress))
+                                                     cache_dir=cache_dir, progress=progress,
+                                                     pooling=heads.pooling))
     if cv:
         bar = None
         if progress:

@@ -265,7 +265,8 @@ def _cv_heads(rev: Any, heads: Any, gold_rows: list, rows: Sequence[Any], mappin
         trunk = trunk_for(StackSettings(), int(heads.grader["layer"]))
     try:
         pooled, _identity = asyncio.run(pooled_states(trunk, [*gold_rows, *extra_rows], max_model_len=max_model_len,
-                                                      cache_dir=cache_dir, progress=progress))
+                                                      cache_dir=cache_dir, progress=progress,
+                                                      pooling=heads.pooling))
     except GradingError as exc:
         raise fail(f"extracting hidden states failed: {exc}", code=1) from None
     typer.echo(f"refitting heads on {folds} folds ({len(extra_rows)} extra rows in each) ...", err=True)

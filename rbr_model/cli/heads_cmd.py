@@ -65,7 +65,7 @@ def resolve_trunk(trunk: Path | None, layer: int) -> Path:
 
 
 async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_dir: Path | None,
-                        progress: bool) -> tuple[Any, dict[str, Any]]:
+                        progress: bool, pooling: str) -> tuple[Any, dict[str, Any]]:
     """Pooled trunk states for every row through vLLM's pooling runner (cached on disk), and the trunk's identity.
 
     The cache is looked up before vLLM starts (tokenizer and hash come from the trunk folder), so a rerun on the
@@ -85,11 +85,11 @@ async def pooled_states(trunk: Path, rows: list, *, max_model_len: int, cache_di
         raise GradingError(f"a gold row cannot be read by the trunk: {exc}") from None
     identity = {"model_id": trunk.name, "model_hash": models.model_hash(trunk),
                 "tokens": int(sum(len(i.ids) for i in inputs))}
-    cached = read_cached_states(cache_dir, identity["model_hash"], inputs, "float32")
+    cached = read_cached_states(cache_dir, identity["model_hash"], inputs, "float32", pooling)
     if cached is not None:
         return cached, identity
     async with build_state_engine(StackSettings(max_model_len=max_model_len), trunk) as engine:
-        pooled = await extract_pooled(engine, inputs, cache_dir=cache_dir, progress=progress)
+        pooled = await extract_pooled(engine, inputs, cache_dir=cache_dir, progress=progress, pooling=pooling)
     return pooled, identity
 
 
@@ -121,6 +121,11 @@ def fit(
     max_model_len: Annotated[int, typer.Option("--max-model-len", help="Longest input in tokens; longer "
                                                "conversations are cut from the left.")] = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the CV folds.")] = 0,
+    pooling: Annotated[str, typer.Option("--pooling", help="How the completion's per-token states become one "
+                                         "row: mean-and-max-over-completion (their mean and per-dimension "
+                                         "maximum, which keeps one sentence of a long reply) or "
+                                         "mean-over-completion (the mean alone, as heads before 2026-12).")
+                       ] = "mean-and-max-over-completion",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
     """Fit one logistic head per mapped proposition on the trunk's pooled hidden states.
@@ -129,7 +134,7 @@ def fit(
     What happens:
       1. every row becomes the grader's chat template over its conversation plus the completion's tokens;
       2. the trunk (the grader model cut after --layer, run by vLLM's pooling runner) computes per-token
-         states once; their mean over the completion's tokens is cached under --cache-dir;
+         states once; their --pooling over the completion's tokens is cached under --cache-dir;
       3. per proposition with at least 3 labelled yes and 3 no rows: states standardised, L2 logistic
          regression with balanced class weights, C chosen by --folds-fold stratified CV on these rows;
       4. the heads file records the trunk (id, hash, layer), the pooling, the policy fingerprint and each
@@ -137,9 +142,11 @@ def fit(
     Honest accuracy on these rows needs nested CV: `rbr eval grader --method heads --cv`.
     """
     from rbr_model.grading.engine import GradingError
-    from rbr_model.heads import INPUT_VERSION, POOLING, Heads
+    from rbr_model.heads import INPUT_VERSION, POOLINGS, Heads
     from rbr_model.heads.fitting import fit_heads, tasks_from_rows
 
+    if pooling not in POOLINGS:
+        raise fail(f"--pooling: {pooling!r} is not one of {list(POOLINGS)}")
     Cs = parse_cs(cs)
     policy, rows, mapping, why = load_labelled(gold, policy_path, map_path)
     typer.echo(f"{len(rows)} rows from {len(gold)} file(s), {len(mapping)} mapped propositions ({why})", err=True)
@@ -150,7 +157,7 @@ def fit(
     start = time.perf_counter()
     with failing(GradingError, what="extracting hidden states", code=1):
         pooled, identity = asyncio.run(pooled_states(trunk_dir, rows, max_model_len=max_model_len,
-                                                     cache_dir=cache_dir, progress=progress))
+                                                     cache_dir=cache_dir, progress=progress, pooling=pooling))
     extract_s = time.perf_counter() - start
     bar = None
     if progress:
@@ -169,7 +176,7 @@ def fit(
         weights=fitted["weights"], bias=fitted["bias"],
         grader={"model_id": identity["model_id"], "model_hash": identity["model_hash"],
                 "layer": marker.get("layer", layer if trunk is None else None),
-                "source_model_hash": marker.get("source_hash"), "pooling": POOLING, "input": INPUT_VERSION,
+                "source_model_hash": marker.get("source_hash"), "pooling": pooling, "input": INPUT_VERSION,
                 "final_norm": True, "dtype": "float32"},
         policy={"name": policy.name, "fingerprint": policy.fingerprint},
         metrics=fitted["metrics"],

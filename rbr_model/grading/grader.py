@@ -305,14 +305,14 @@ class Grader:
         """P(yes) of every head for one item: one trunk forward pass, then a dot product per head."""
         async with self._sem:
             self.head_requests += 1
-            pooled = await self.state_engine.pooled([head_input])
+            pooled = await self.state_engine.pooled([head_input], self.heads.pooling)
             return self.heads.predict(pooled)[0]
 
     async def _send_heads_batch(self, inputs: list[HeadInput]) -> np.ndarray:
         """P(yes) of every head for several items: one call to the heads' engine, one row per item."""
         async with self._sem:
             self.head_requests += len(inputs)
-            return self.heads.predict(await self.state_engine.pooled(inputs))
+            return self.heads.predict(await self.state_engine.pooled(inputs, self.heads.pooling))
 
 
 def _calibration_id(calibration: Any) -> Any:

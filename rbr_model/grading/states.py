@@ -28,7 +28,7 @@ import numpy as np
 
 from rbr_model.aio import gather_or_cancel
 from rbr_model.grading.engine import GradingError
-from rbr_model.heads.inputs import HeadInput
+from rbr_model.heads.inputs import MEAN, POOLINGS, HeadInput, pool_span
 from rbr_model.lifecycle import AsyncLLMOwner, EngineLifecycle, HTTPClientOwner
 
 
@@ -49,15 +49,15 @@ class StateEngine(EngineLifecycle, ABC):
     async def token_states(self, inputs: Sequence[HeadInput]) -> list[np.ndarray]:
         """Per-token states (len(ids), D), float32, one array per input, in order."""
 
-    async def pooled(self, inputs: Sequence[HeadInput]) -> np.ndarray:
-        """The mean state over each input's span, (n, D) in float64."""
+    async def pooled(self, inputs: Sequence[HeadInput], pooling: str = MEAN) -> np.ndarray:
+        """Each input's span pooled (`rbr_model.heads.inputs.POOLINGS`), (n, D x multiple) in float64."""
         states = await self.token_states(inputs)
-        out = np.empty((len(inputs), self.hidden_size), dtype=np.float64)
+        out = np.empty((len(inputs), self.hidden_size * POOLINGS[pooling]), dtype=np.float64)
         for i, (inp, st) in enumerate(zip(inputs, states, strict=True)):
             if st.ndim != 2 or st.shape[0] != len(inp.ids) or st.shape[1] != self.hidden_size:
                 raise GradingError(f"the heads engine returned states of shape {st.shape} for "
                                    f"{len(inp.ids)} tokens of width {self.hidden_size}")
-            out[i] = st[inp.start:inp.end].astype(np.float64).mean(axis=0)
+            out[i] = pool_span(st[inp.start:inp.end], pooling)
         if not np.all(np.isfinite(out)):
             raise GradingError("the heads engine returned non-finite hidden states")
         return out

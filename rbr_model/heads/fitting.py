@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rbr_model.heads.inputs import INPUT_VERSION, HeadInput, build_input
+from rbr_model.heads.inputs import INPUT_VERSION, MEAN, POOLINGS, HeadInput, build_input
 from rbr_model.metrics import roc_auc
 
 DEFAULT_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -222,24 +222,27 @@ def build_inputs(tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_tokens: 
     return [build_input(tokenizer, r["prompt"], r["completion"], max_tokens) for r in rows]
 
 
-def states_cache_key(model_hash: str, inputs: Sequence[HeadInput], dtype: str = "float32") -> str:
-    h = hashlib.sha256(f"{model_hash}|{dtype}|{INPUT_VERSION}".encode())
+def states_cache_key(model_hash: str, inputs: Sequence[HeadInput], dtype: str = "float32",
+                     pooling: str = MEAN) -> str:
+    h = hashlib.sha256(f"{model_hash}|{dtype}|{INPUT_VERSION}".encode() + (f"|{pooling}".encode()
+                                                                            if pooling != MEAN else b""))
     for inp in inputs:
         h.update(np.asarray(inp.ids, dtype=np.int64).tobytes())
         h.update(f"|{inp.start}:{inp.end};".encode())
     return h.hexdigest()[:24]
 
 
-def _cache_file(cache_dir: str | Path, model_hash: str, inputs: Sequence[HeadInput], dtype: str) -> Path:
-    return Path(cache_dir) / f"pooled-{states_cache_key(model_hash, inputs, dtype)}.npy"
+def _cache_file(cache_dir: str | Path, model_hash: str, inputs: Sequence[HeadInput], dtype: str,
+                pooling: str) -> Path:
+    return Path(cache_dir) / f"pooled-{states_cache_key(model_hash, inputs, dtype, pooling)}.npy"
 
 
 def read_cached_states(cache_dir: str | Path | None, model_hash: str, inputs: Sequence[HeadInput],
-                       dtype: str = "float32") -> Any:
-    """The cached pooled states for exactly these inputs on this trunk in this dtype, or None."""
+                       dtype: str = "float32", pooling: str = MEAN) -> Any:
+    """The cached pooled states for exactly these inputs on this trunk in this dtype and pooling, or None."""
     if cache_dir is None:
         return None
-    path = _cache_file(cache_dir, model_hash, inputs, dtype)
+    path = _cache_file(cache_dir, model_hash, inputs, dtype, pooling)
     if not path.is_file():
         return None
     cached = np.load(path)
@@ -247,32 +250,33 @@ def read_cached_states(cache_dir: str | Path | None, model_hash: str, inputs: Se
 
 
 async def extract_pooled(engine: Any, inputs: Sequence[HeadInput], *, cache_dir: str | Path | None = None,
-                         batch: int = 16, progress: bool = False) -> np.ndarray:
+                         batch: int = 16, progress: bool = False, pooling: str = MEAN) -> np.ndarray:
     """Pooled states for every input through `engine` (a StateEngine), cached on disk under `cache_dir`.
 
     The cache file is keyed by the trunk's hash and every input's token ids, so a changed model, tokenizer or
     row never reads stale states.
     """
-    cached = read_cached_states(cache_dir, engine.model_hash, inputs, engine.dtype)
-    if cached is not None and cached.shape[1] == engine.hidden_size:
+    width = engine.hidden_size * POOLINGS[pooling]
+    cached = read_cached_states(cache_dir, engine.model_hash, inputs, engine.dtype, pooling)
+    if cached is not None and cached.shape[1] == width:
         return cached
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(inputs), desc="hidden states", unit="row")
-    out = np.empty((len(inputs), engine.hidden_size))
+    out = np.empty((len(inputs), width))
     try:
         for start in range(0, len(inputs), batch):
             chunk = inputs[start:start + batch]
-            out[start:start + len(chunk)] = await engine.pooled(chunk)
+            out[start:start + len(chunk)] = await engine.pooled(chunk, pooling)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
     if cache_dir is not None:
-        path = _cache_file(cache_dir, engine.model_hash, inputs, engine.dtype)
+        path = _cache_file(cache_dir, engine.model_hash, inputs, engine.dtype, pooling)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npy")
         np.save(tmp, out)

@@ -7,6 +7,11 @@ end-of-turn token after it would not change any state that is averaged.
 
 A completion with zero tokens is pooled at the last template token (the position that would predict its first
 token): a defined, finite input for every head, never an empty mean.
+
+Poolings (`POOLINGS`, recorded in the heads file): the mean over the span, or the mean and the per-dimension
+maximum side by side. The maximum keeps a sentence that the mean of a long reply dilutes ("I can't help with
+that" in the middle of a paragraph): on the gold set it lifts `states_inability` from AUC 0.89 to 0.98 under
+nested CV (benchmarks/bench_pooling.py, docs/grader-accuracy.md).
 """
 
 from __future__ import annotations
@@ -15,10 +20,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from rbr_model.errors import PromptError
 
 # Part of the heads' identity: bump when the way inputs are built changes.
 INPUT_VERSION = "chat-prefix+completion-1"
+
+MEAN = "mean-over-completion"
+MEAN_AND_MAX = "mean-and-max-over-completion"
+POOLINGS = {MEAN: 1, MEAN_AND_MAX: 2}  # pooling: its width as a multiple of the trunk's hidden size
+
+
+def pool_span(states: np.ndarray, pooling: str) -> np.ndarray:
+    """One row of pooled features from a span's per-token states (T, D), in float64."""
+    span = np.asarray(states, dtype=np.float64)
+    if pooling == MEAN:
+        return span.mean(axis=0)
+    if pooling == MEAN_AND_MAX:
+        return np.concatenate([span.mean(axis=0), span.max(axis=0)])
+    raise ValueError(f"pooling {pooling!r}: expected one of {list(POOLINGS)}")
 
 
 @dataclass(frozen=True)

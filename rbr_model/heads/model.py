@@ -2,7 +2,8 @@
 
     P(yes) = sigmoid(w · (x - mean) / scale + b)
 
-where x is the grader trunk's hidden state averaged over the completion's tokens (`rbr_model.heads.inputs`).
+where x is the grader trunk's hidden states pooled over the completion's tokens (`rbr_model.heads.inputs`:
+their mean, or their mean and maximum side by side; `grader.pooling` says which, files without it are the mean).
 The file is an `.npz` of four float64 arrays (`mean`, `scale` of shape (D,), `weights` (P, D), `bias` (P,)) and a
 JSON `header` (stored as bytes) that says what the numbers mean: the trunk they were fitted on (model id, hash of
 its weights and config, layer), the pooling, the policy (name, fingerprint), the proposition of each row and
@@ -22,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from rbr_model.heads.inputs import INPUT_VERSION
+from rbr_model.heads.inputs import INPUT_VERSION, MEAN, MEAN_AND_MAX, POOLINGS
 
 FORMAT = "rbr-heads-1"
-POOLING = "mean-over-completion"
+POOLING = MEAN_AND_MAX  # what `rbr heads fit` writes unless told otherwise
 PACKAGED_HEADS = "default_heads.npz"  # in rbr_model/policies/, for the default policy and the embedded grader
 ARRAYS = ("mean", "scale", "weights", "bias")
 
@@ -65,8 +66,18 @@ class Heads:
         return h.hexdigest()
 
     @property
-    def hidden_size(self) -> int:
+    def pooling(self) -> str:
+        return str(self.grader.get("pooling", MEAN))
+
+    @property
+    def width(self) -> int:
+        """Length of a pooled row these heads read."""
         return int(self.mean.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        """The trunk's hidden size (the width divided by the pooling's multiple)."""
+        return self.width // POOLINGS[self.pooling]
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
@@ -79,8 +90,8 @@ class Heads:
     def predict(self, pooled: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
         """P(yes) for pooled states (n, D): shape (n, len(names)), all heads when `names` is None."""
         x = np.asarray(pooled, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"pooled states of shape {x.shape}; these heads read width {self.hidden_size}")
+        if x.ndim != 2 or x.shape[1] != self.width:
+            raise ValueError(f"pooled states of shape {x.shape}; these heads read width {self.width}")
         rows = [self._index[n] for n in names] if names is not None else list(range(len(self.propositions)))
         z = ((x - self.mean) / self.scale) @ self.weights[rows].T + self.bias[rows]
         return _sigmoid(z)
@@ -108,8 +119,8 @@ class Heads:
                 f"({model_hash[:12]}); refit with `rbr heads fit` or load the matching trunk"
             )
         if hidden_size is not None and hidden_size != self.hidden_size:
-            raise HeadsError(f"{self.source}: mean: width {self.hidden_size}, the model's hidden size is "
-                             f"{hidden_size}")
+            raise HeadsError(f"{self.source}: mean: width {self.width} ({self.pooling}), the model's hidden size "
+                             f"is {hidden_size}")
 
     # ---- files -------------------------------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
@@ -191,8 +202,11 @@ def _check(heads: Heads, source: str) -> None:
     for key in ("model_id", "model_hash", "layer"):
         if key not in heads.grader:
             raise HeadsError(f"{source}: grader.{key}: missing")
-    if heads.grader.get("pooling", POOLING) != POOLING:
-        raise HeadsError(f"{source}: grader.pooling: {heads.grader.get('pooling')!r} is not {POOLING!r}")
+    pooling = heads.grader.get("pooling", MEAN)
+    if pooling not in POOLINGS:
+        raise HeadsError(f"{source}: grader.pooling: {pooling!r} is not one of {list(POOLINGS)}")
+    if width % POOLINGS[pooling]:
+        raise HeadsError(f"{source}: mean: width {width} is not a multiple of {POOLINGS[pooling]} ({pooling})")
     if heads.grader.get("input", INPUT_VERSION) != INPUT_VERSION:
         raise HeadsError(f"{source}: grader.input: {heads.grader.get('input')!r} is not {INPUT_VERSION!r}")
     if "fingerprint" not in heads.policy:

@@ -1,0 +1,124 @@
+"""Does another pooling of the trunk's states rank the gold labels better than the mean over the completion?
+
+The heads read the mean of the trunk's per-token states over the completion. One sentence ("I can't help with
+that") inside a long reply moves that mean little, which is what limits `states_inability` on hard_refuse's long
+gold replies (docs/reward-accuracy.md). This extracts the per-token states of every row once, builds several
+poolings from them and scores each the way `rbr eval grader --method heads --cv` does: nested CV on the gold
+rows (scaler and C chosen inside each training fold), the weak rows joining every training fold. Reported per
+proposition: out-of-fold AUC on all gold rows and within each response type.
+
+    python benchmarks/bench_pooling.py --gold ../shared/reference/openai-rbr/gold_train.jsonl \
+        --extra rbr_model/data/weak_disallowed_rows.jsonl --extra rbr_model/data/weak_style_rows.jsonl \
+        --extra rbr_model/data/weak_inability_rows.jsonl --out out/bench-pooling
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+POOLINGS = {
+    "mean": lambda st: st.mean(axis=0),
+    "max": lambda st: st.max(axis=0),
+    "mean+max": lambda st: np.concatenate([st.mean(axis=0), st.max(axis=0)]),
+    "mean+last": lambda st: np.concatenate([st.mean(axis=0), st[-1]]),
+}
+
+
+async def _states(trunk: Path, inputs: list, batch: int) -> dict[str, np.ndarray]:
+    from tqdm import tqdm
+
+    from rbr_model.stack import StackSettings, build_state_engine
+
+    out = {name: [] for name in POOLINGS}
+    async with build_state_engine(StackSettings(max_model_len=4096), trunk) as engine:
+        with tqdm(total=len(inputs), desc="hidden states", unit="row") as bar:
+            for start in range(0, len(inputs), batch):
+                chunk = inputs[start:start + batch]
+                for inp, st in zip(chunk, await engine.token_states(chunk), strict=True):
+                    span = st[inp.start:inp.end].astype(np.float64)
+                    for name, pool in POOLINGS.items():
+                        out[name].append(pool(span))
+                bar.update(len(chunk))
+    return {name: np.array(v) for name, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gold", type=Path, required=True, help="human-labelled rows (scored)")
+    ap.add_argument("--extra", type=Path, action="append", default=[], help="rows that join every training fold")
+    ap.add_argument("--map", type=Path, default=ROOT / "rbr_model" / "data" / "heads_label_map.yaml")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--out", type=Path, default=Path("out/bench-pooling"))
+    ap.add_argument("--only", default="", help="comma-separated propositions (default: all mapped)")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from rbr_model.cli.heads_cmd import load_labelled, resolve_trunk
+    from rbr_model.gold import load_gold
+    from rbr_model.heads.fitting import DEFAULT_CS, Task, build_inputs, cross_validate, pooled_features, tasks_from_rows
+    from rbr_model.metrics import roc_auc
+
+    _, rows, mapping, _ = load_labelled([args.gold, *args.extra], None, args.map)
+    n_gold = len(load_gold(args.gold))
+    gold, extra = rows[:n_gold], rows[n_gold:]
+    trunk = resolve_trunk(None, args.layer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / f"states-layer{args.layer}-{len(gold)}+{len(extra)}.npz"
+    if cache.is_file():
+        pooled = dict(np.load(cache))
+    else:
+        inputs = build_inputs(AutoTokenizer.from_pretrained(str(trunk)), rows, 4096)
+        start = time.perf_counter()
+        pooled = asyncio.run(_states(trunk, inputs, 16))
+        print(f"states for {len(rows)} rows in {time.perf_counter() - start:.0f} s")
+        np.savez(cache, **pooled)
+
+    tasks, _ = tasks_from_rows(gold, mapping)
+    more = {t.name: Task(t.name, t.label, t.rows + len(gold), t.y)
+            for t in tasks_from_rows(extra, mapping, min_per_class=0)[0]}
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    types = sorted({r["response_type"] for r in gold})
+    report: dict = {}
+    for task in tasks:
+        if only and task.name not in only:
+            continue
+        report[task.name] = {}
+        for name, X in pooled.items():
+            p = cross_validate(pooled_features(X), task, Cs=DEFAULT_CS, folds=5, seed=0, extra=more.get(task.name))
+            entry = {"all": roc_auc(p, task.y)}
+            for rt in types:
+                sel = np.array([gold[i]["response_type"] == rt for i in task.rows])
+                y = task.y[sel]
+                entry[rt] = roc_auc(p[sel], y) if 0 < y.sum() < len(y) else None
+            report[task.name][name] = entry
+        line = "  ".join(f"{n} {report[task.name][n]['all']:.3f}" for n in pooled)
+        print(f"{task.name:<30} {line}", flush=True)
+    (args.out / "pooling.json").write_text(json.dumps(report, indent=1))
+
+    names = list(pooled)
+    print("\n| proposition | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for prop, per in report.items():
+        cells = []
+        for n in names:
+            within = "/".join(f"{per[n][rt]:.2f}" if per[n][rt] is not None else "-" for rt in types)
+            cells.append(f"{per[n]['all']:.3f} ({within})")
+        print(f"| {prop} | " + " | ".join(cells) + " |")
+    means = {n: float(np.mean([per[n]["all"] for per in report.values()])) for n in names}
+    print("| **mean** | " + " | ".join(f"{means[n]:.3f}" for n in names) + " |")
+    print(f"(within-type AUCs in brackets: {'/'.join(types)})")
+
+
+if __name__ == "__main__":
+    main()
