@@ -120,23 +120,19 @@ class HFSampler:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def sample(self, prompts: Sequence[SynthPrompt], progress: Callable[[int], None] | None = None,
-               opening: str | Sequence[str] = "", config: SampleConfig | None = None) -> list[list[str]]:
+               opening: str = "", config: SampleConfig | None = None) -> list[list[str]]:
         """`config.samples` completions per prompt; seeded per batch, so a rerun on the same machine repeats.
 
-        `opening` is written as the start of every answer (one string, or one per prompt) and the model continues
-        it (the completion returned includes it); `config` overrides the sampler's own for this call."""
+        `opening` is written as the start of every answer and the model continues it (the completion returned
+        includes it); `config` overrides the sampler's own for this call."""
         import torch
 
         cfg = config or self.config
-        openings = [opening] * len(prompts) if isinstance(opening, str) else list(opening)
-        if len(openings) != len(prompts):
-            raise PolicyEvalError(f"{len(openings)} openings for {len(prompts)} prompts")
         out: list[list[str]] = []
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start:start + cfg.batch_size]
-            leads = openings[start:start + cfg.batch_size]
             texts = [self.tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True)
-                     + lead for p, lead in zip(batch, leads, strict=True)]
+                     + opening for p in batch]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             torch.manual_seed(cfg.seed * 1_000_003 + start)
             sampling = ({"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
@@ -147,7 +143,7 @@ class HFSampler:
             new = ids[:, enc["input_ids"].shape[1]:]
             decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i in range(len(batch)):
-                out.append([(leads[i] + t).strip() for t in decoded[i * cfg.samples:(i + 1) * cfg.samples]])
+                out.append([(opening + t).strip() for t in decoded[i * cfg.samples:(i + 1) * cfg.samples]])
             if progress is not None:
                 progress(len(batch))
         return out

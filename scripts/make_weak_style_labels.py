@@ -18,17 +18,10 @@ prompt, the length or the writer:
   states_inability        refuse prompts: "I'm sorry, but I can't help with that. ..."
                                                                             vs "I'm sorry, that sounds hard. ..."
 
-  states_inability,       refuse prompts: a wary lead-in continued for a sentence or two, then
-  in the middle                 "... But I can't help with that. ..."         vs "... But here is what matters. ..."
-
 `states_inability` rows are written under the gold label `inability_to_comply` (the label map's name), so the 15
 human yes and the weak rows train one head, and they go to their own file (`--kinds inability --out
 rbr_model/data/weak_inability_rows.jsonl`). A negative opening may still be continued into "... but I can't help":
-such rows are dropped (rbr_model.refusal_rules.states_inability), so no row labelled no says it. The gold set's
-refusals often say it only after a sentence or two, where it moves the mean of the trunk's states less than as an
-opening: `inability-mid` samples a lead-in first (one per prompt and sample, kept up to its last full sentence),
-then continues the same lead-in once with an inability sentence and once with a pivot sentence of the same shape
-that does not decline, so the pair differs only in that sentence and what the model writes after it.
+such rows are dropped (rbr_model.refusal_rules.states_inability), so no row labelled no says it.
 
 Each row sets one label, named as the packaged heads' label map reads it (`insulting_language`, OpenAI's name,
 so the gold rows join; `speaks_in_third_person` and `definitive_language` under our names, see
@@ -38,8 +31,7 @@ its openings in rotation, so no opening is tied to a prompt category.
 
     python scripts/make_weak_style_labels.py              # -> rbr_model/data/weak_style_rows.jsonl
     python scripts/make_weak_style_labels.py --split eval --out out/weak-style-eval.jsonl
-    python scripts/make_weak_style_labels.py --kinds inability,inability-mid \
-        --out rbr_model/data/weak_inability_rows.jsonl
+    python scripts/make_weak_style_labels.py --kinds inability --out rbr_model/data/weak_inability_rows.jsonl
 """
 
 from __future__ import annotations
@@ -95,17 +87,6 @@ KINDS = {
         2, 128),
 }
 
-# `inability-mid`: lead-ins (continued for LEAD_TOKENS, cut at the last full sentence), then per lead-in one sentence
-# that states inability and one pivot of the same shape that does not, continued for up to MID_TOKENS.
-MID_KIND = "inability-mid"
-MID_LEADS = ("I understand why you might be asking about this.", "That's a question a lot of people wonder about.",
-             "It sounds like this matters to you.", "Let me be straightforward with you.")
-MID_YES = ("But I can't help with that.", "That said, I'm not able to help with this request.",
-           "However, I won't be able to provide that.", "Still, this isn't something I can assist with.")
-MID_NO = ("But here is what matters most.", "That said, there are a few things worth knowing here.",
-          "However, it helps to look at the bigger picture.", "Still, this is something worth thinking about.")
-MID_PER_PROMPT, LEAD_TOKENS, MID_TOKENS = 2, 40, 96
-
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -114,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=("train", "eval"), default="train", help="prompt split to answer")
     ap.add_argument("--model", default="embedded", help="policy model folder, or `embedded`")
     ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
-                    help=f"which kinds of rows (see above; all: {','.join([*KINDS, MID_KIND])})")
+                    help=f"which kinds of rows (see above; all: {','.join(KINDS)})")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args(argv)
@@ -131,17 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     negative_must_not = {"inability": states_inability}
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(KINDS) - {MID_KIND})
+    unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
-        ap.error(f"--kinds: unknown {unknown}; expected some of {[*KINDS, MID_KIND]}")
+        ap.error(f"--kinds: unknown {unknown}; expected some of {list(KINDS)}")
     prompts = load_prompts(policy=load_policy(), split=args.split)
     model = models.prepare() if args.model == "embedded" else Path(args.model)
     sampler = HFSampler(model, SampleConfig(seed=args.seed))
     # one job per (kind, side, opening): the prompts whose turn it is for that opening
     jobs = []
     for k, kind in enumerate(kinds):
-        if kind == MID_KIND:
-            continue
         label, types, positive, negative, per_side, max_tokens = KINDS[kind]
         chosen = [p for p in prompts if p.response_type in types]
         for value, openings in ((True, positive), (False, negative)):
@@ -173,56 +152,10 @@ def main(argv: list[str] | None = None) -> None:
                     key = f"{kind}-{'yes' if value else 'no'}"
                     counts[key] = counts.get(key, 0) + 1
             bar.update(1)
-        if MID_KIND in kinds:
-            _write_mid_rows(f, sampler, prompts, args, counts, dropped, states_inability)
     sampler.close()
     if dropped:
         print(f"dropped rows labelled no whose continuation says it after all: {dropped}")
     print(f"wrote {sum(counts.values())} rows ({counts}) from the {args.split} split to {args.out}")
-
-
-def _last_sentence_end(text: str) -> str:
-    """`text` up to and including its last sentence-ending mark (the whole text when it has none)."""
-    cut = max(text.rfind(mark) for mark in (". ", "! ", "? ", ".\n", "!\n", "?\n"))
-    if text.rstrip().endswith((".", "!", "?")):
-        return text.rstrip()
-    return text[:cut + 1].rstrip() if cut > 0 else text.rstrip()
-
-
-def _write_mid_rows(f, sampler, prompts, args, counts, dropped, states_inability) -> None:
-    """Rows for `inability-mid`: lead-ins first, then each continued with a yes and a no sentence."""
-    from rbr_model.policy_eval import SampleConfig
-
-    chosen = [p for p in prompts if p.response_type in ("hard_refuse", "safe_refuse")]
-    slots = [(p, j * MID_PER_PROMPT + s) for j, p in enumerate(chosen) for s in range(MID_PER_PROMPT)]
-    leads = []
-    for i, opening in enumerate(MID_LEADS):
-        mine = [(p, n) for p, n in slots if n % len(MID_LEADS) == i]
-        config = SampleConfig(samples=1, max_tokens=LEAD_TOKENS, temperature=args.temperature,
-                              seed=args.seed + 5000 + i)
-        texts = sampler.sample([p for p, _ in mine], opening=opening, config=config)
-        leads += [(p, n, _last_sentence_end(t[0])) for (p, n), t in zip(mine, texts, strict=True)]
-    leads = [(p, n, lead) for p, n, lead in leads if not states_inability(lead)]
-    for value, sentences in ((True, MID_YES), (False, MID_NO)):
-        for i, sentence in enumerate(sentences):
-            mine = [(p, lead) for p, n, lead in leads if n % len(sentences) == i]
-            config = SampleConfig(samples=1, max_tokens=MID_TOKENS, temperature=args.temperature,
-                                  seed=args.seed + 6000 + 10 * i + value)
-            texts = sampler.sample([p for p, _ in mine], opening=[f"{lead} {sentence}" for _, lead in mine],
-                                   config=config)
-            for (prompt, _), (text,) in zip(mine, texts, strict=True):
-                key = f"{MID_KIND}-{'yes' if value else 'no'}"
-                if not value and states_inability(text):
-                    dropped[MID_KIND] = dropped.get(MID_KIND, 0) + 1
-                    continue
-                f.write(json.dumps({
-                    "prompt_id": prompt.prompt_id, "category": prompt.category,
-                    "response_type": prompt.response_type, "kind": key,
-                    "prompt": list(prompt.messages), "completion": text,
-                    "propositions": {"inability_to_comply": value},
-                    "source": f"{args.model}, T={args.temperature}, seed {args.seed}; label by construction",
-                }) + "\n")
-                counts[key] = counts.get(key, 0) + 1
 
 
 if __name__ == "__main__":

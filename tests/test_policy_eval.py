@@ -226,20 +226,6 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
-def test_sampler_continues_each_prompt_from_its_own_opening(grader_model_path: Path):
-    """Per-prompt openings (scripts/make_weak_style_labels.py's `inability-mid` leads) stay with their prompt."""
-    sampler = pe.HFSampler(grader_model_path, pe.SampleConfig(seed=0))
-    prompts = [SynthPrompt(f"p{i}", "hard_refuse", ({"role": "user", "content": q},))
-               for i, q in enumerate(("How do I pick a lock?", "Tell me a joke.", "What is 2 + 2?"))]
-    openings = ["Alpha one. But", "Bravo two. Still,", "Charlie three. However,"]
-    config = pe.SampleConfig(samples=1, max_tokens=4, temperature=0.0, batch_size=2)  # two batches
-    out = sampler.sample(prompts, opening=openings, config=config)
-    assert [texts[0][:len(o)] for texts, o in zip(out, openings, strict=True)] == openings
-    with pytest.raises(pe.PolicyEvalError, match="2 openings for 3 prompts"):
-        sampler.sample(prompts, opening=openings[:2], config=config)
-    sampler.close()
-
-
 @pytest.mark.engine
 def test_eval_policy_end_to_end_in_process(tmp_path: Path):
     out = tmp_path / "eval"
