@@ -5,7 +5,9 @@ that") inside a long reply moves that mean little, which is what limits `states_
 gold replies (docs/reward-accuracy.md). This extracts the per-token states of every row once, builds several
 poolings from them and scores each the way `rbr eval grader --method heads --cv` does: nested CV on the gold
 rows (scaler and C chosen inside each training fold), the weak rows joining every training fold. Reported per
-proposition: out-of-fold AUC on all gold rows and within each response type.
+proposition: out-of-fold AUC on all gold rows and within each response type. `--weak-oof PROPOSITION` also scores
+the weak rows of that proposition, folded by prompt as `rbr eval reward --cv` folds them (heads fitted on the
+gold rows and the other folds' weak rows), per kind of row.
 
     python benchmarks/bench_pooling.py --gold ../shared/reference/openai-rbr/gold_train.jsonl \
         --extra rbr_model/data/weak_disallowed_rows.jsonl --extra rbr_model/data/weak_style_rows.jsonl \
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("out/bench-pooling"))
     ap.add_argument("--only", default="", help="comma-separated propositions (default: all mapped)")
+    ap.add_argument("--weak-oof", default="", help="a proposition whose weak rows are scored out of fold, per kind")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{task.name:<30} {line}", flush=True)
     (args.out / "pooling.json").write_text(json.dumps(report, indent=1))
 
+    if args.weak_oof:
+        _weak_oof(args.weak_oof, pooled, gold, extra, mapping, [*args.extra])
+        return
     names = list(pooled)
     print("\n| proposition | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -118,6 +124,34 @@ def main(argv: list[str] | None = None) -> None:
     means = {n: float(np.mean([per[n]["all"] for per in report.values()])) for n in names}
     print("| **mean** | " + " | ".join(f"{means[n]:.3f}" for n in names) + " |")
     print(f"(within-type AUCs in brackets: {'/'.join(types)})")
+
+
+def _weak_oof(prop: str, pooled: dict, gold: list, extra: list, mapping: dict, paths: list) -> None:
+    """Out-of-fold AUC of one proposition's head on its weak rows, per kind, for every pooling."""
+    from rbr_model.heads.fitting import DEFAULT_CS, Task, fit_logreg, pooled_features, tasks_from_rows
+    from rbr_model.metrics import roc_auc
+    from rbr_model.reward_eval import extra_fold
+
+    raw = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+    gold_task = next(t for t in tasks_from_rows(gold, mapping)[0] if t.name == prop)
+    weak_task = next(t for t in tasks_from_rows(extra, mapping, min_per_class=0)[0] if t.name == prop)
+    fold = np.array([extra_fold(raw[i], 5, 0) for i in weak_task.rows])
+    kinds = np.array([raw[i].get("kind", "?") for i in weak_task.rows])
+    for name, X in pooled.items():
+        p = np.empty(len(weak_task.y))
+        for k in range(5):
+            tr, te = fold != k, fold == k
+            train = Task(prop, weak_task.label, np.concatenate([gold_task.rows, weak_task.rows[tr] + len(gold)]),
+                         np.concatenate([gold_task.y, weak_task.y[tr]]))
+            X_tr, X_te = pooled_features(X)(train.rows, weak_task.rows[te] + len(gold))
+            model, _ = fit_logreg(X_tr, train.y, DEFAULT_CS, 5, 1)
+            p[te] = model.predict_proba(X_te)[:, 1]
+        parts = [f"all {roc_auc(p, weak_task.y):.3f}"]
+        for kind in sorted(set(kinds)):
+            sel = kinds == kind
+            share = float(np.mean(p[sel] > 0.5))
+            parts.append(f"{kind} P>0.5 {share:.2f}")
+        print(f"{prop} weak rows, {name}: " + "; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":
