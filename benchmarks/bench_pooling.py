@@ -28,12 +28,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-POOLINGS = {
-    "mean": lambda st: st.mean(axis=0),
-    "max": lambda st: st.max(axis=0),
-    "mean+max": lambda st: np.concatenate([st.mean(axis=0), st.max(axis=0)]),
-    "mean+last": lambda st: np.concatenate([st.mean(axis=0), st[-1]]),
-}
+def _poolings() -> dict:
+    """The heads' own poolings (`rbr_model.heads.inputs.pool_span`) beside two candidates they do not offer."""
+    from rbr_model.heads.inputs import MEAN, MEAN_AND_MAX, pool_span
+
+    return {
+        "mean": lambda st: pool_span(st, MEAN),
+        "max": lambda st: st.max(axis=0),
+        "mean+max": lambda st: pool_span(st, MEAN_AND_MAX),
+        "mean+last": lambda st: np.concatenate([st.mean(axis=0), st[-1]]),
+    }
 
 
 async def _states(trunk: Path, inputs: list, batch: int) -> dict[str, np.ndarray]:
@@ -41,14 +45,15 @@ async def _states(trunk: Path, inputs: list, batch: int) -> dict[str, np.ndarray
 
     from rbr_model.stack import StackSettings, build_state_engine
 
-    out = {name: [] for name in POOLINGS}
+    poolings = _poolings()
+    out = {name: [] for name in poolings}
     async with build_state_engine(StackSettings(max_model_len=4096), trunk) as engine:
         with tqdm(total=len(inputs), desc="hidden states", unit="row") as bar:
             for start in range(0, len(inputs), batch):
                 chunk = inputs[start:start + batch]
                 for inp, st in zip(chunk, await engine.token_states(chunk), strict=True):
                     span = st[inp.start:inp.end].astype(np.float64)
-                    for name, pool in POOLINGS.items():
+                    for name, pool in poolings.items():
                         out[name].append(pool(span))
                 bar.update(len(chunk))
     return {name: np.array(v) for name, v in out.items()}
