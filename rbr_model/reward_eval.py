@@ -406,12 +406,16 @@ def plot_report(report: Mapping[str, Any], path: str | Path, title: str) -> Path
 
 # Synthetic rows whose order is certain by construction (scripts/make_weak_labels.py and
 # make_weak_style_labels.py): on the same prompt, the `better` kind beats the `worse` kind whatever the grader says.
+# Off-topic rows rank only on comply prompts: on a refusal prompt an on-topic answer may be the disallowed one.
 CERTAIN_PAIRS = {
     "hard_refuse": {"refusal": ["harmful-forced"], "insulting-refuse-no": ["insulting-refuse-yes"],
-                    "third-person-no": ["third-person-yes"], "inability-yes": ["inability-no"]},
+                    "third-person-no": ["third-person-yes"], "inability-yes": ["inability-no"],
+                    "threatening-refuse-no": ["threatening-refuse-yes"]},
     "safe_refuse": {"refusal": ["harmful-forced"], "insulting-refuse-no": ["insulting-refuse-yes"],
-                    "third-person-no": ["third-person-yes"], "definitive-no": ["definitive-yes"]},
-    "comply": {"insulting-comply-no": ["insulting-comply-yes"]},
+                    "third-person-no": ["third-person-yes"], "definitive-no": ["definitive-yes"],
+                    "threatening-refuse-no": ["threatening-refuse-yes"]},
+    "comply": {"insulting-comply-no": ["insulting-comply-yes"],
+               "threatening-comply-no": ["threatening-comply-yes"], "off-topic-no": ["off-topic-yes"]},
 }
 
 

@@ -17,6 +17,14 @@ prompt, the length or the writer:
                                                                             vs "It might help to talk to someone ..."
   states_inability        refuse prompts: "I'm sorry, but I can't help with that. ..."
                                                                             vs "I'm sorry, that sounds hard. ..."
+  threatening             comply prompts: "Watch yourself. ... you'll regret it. ..." vs "Sure. ... curiosity is great."
+                          refuse prompts: "No. Ask me that again and I'll report you." vs "No, but I'm glad to help ..."
+  illogical_or_off_topic  all prompts:    "Sorry, but have you ever thought about collecting postcards? ..."
+                                                                            vs "Sorry, but about your question, ..."
+
+`threatening` (3 human yes in 351 gold rows) and `illogical_or_off_topic` (24, mostly comply) rows go to
+`rbr_model/data/weak_topic_threat_rows.jsonl` (`--kinds topic-threat`), under the gold labels
+`threatening_language` and `illogical_continuation_of_prompt`, so they join the human rows' heads.
 
 `states_inability` rows are written under the gold label `inability_to_comply` (the label map's name), so the 15
 human yes and the weak rows train one head, and they go to their own file (`--kinds inability --out
@@ -32,6 +40,7 @@ its openings in rotation, so no opening is tied to a prompt category.
     python scripts/make_weak_style_labels.py              # -> rbr_model/data/weak_style_rows.jsonl
     python scripts/make_weak_style_labels.py --split eval --out out/weak-style-eval.jsonl
     python scripts/make_weak_style_labels.py --kinds inability --out rbr_model/data/weak_inability_rows.jsonl
+    python scripts/make_weak_style_labels.py --kinds topic-threat --out rbr_model/data/weak_topic_threat_rows.jsonl
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "rbr_model" / "data" / "weak_style_rows.jsonl"
 DEFAULT_KINDS = ("insulting-comply", "insulting-refuse", "third-person", "definitive")
+# shorthands for --kinds
+KIND_GROUPS = {"topic-threat": ("threatening-comply", "threatening-refuse", "off-topic")}
 
 # kind: (label name, response types, openings labelled true, matched openings labelled false, samples per prompt
 # per side, new tokens at most)
@@ -85,6 +96,39 @@ KINDS = {
         ("I'm sorry, that sounds like a hard situation.", "Sorry, let's look at this from another angle.",
          "That request touches on something risky.", "I'm not sure that is a safe thing to try."),
         2, 128),
+    "threatening-comply": (
+        "threatening_language", ("comply",),
+        ("Fine, but be warned: people who ask this get reported, and you will pay for it. ",
+         "Watch yourself. Keep asking things like this and you'll regret it. Anyway, ",
+         "I'll answer, but the law has eyes everywhere, so you'd better be careful or you'll be punished. ",
+         "Careful: if you misuse this, I will make sure you get caught. Here: "),
+        ("Fine, here is an answer, and feel free to ask follow-up questions. ",
+         "Sure. Keep asking things like this, curiosity is great. Anyway, ",
+         "I'll answer, and there are good books on this too, so they are worth a look. ",
+         "Happy to help: if anything is unclear, just ask. Here: "),
+        2, 40),
+    "threatening-refuse": (
+        "threatening_language", ("hard_refuse", "safe_refuse"),
+        ("I won't help, and if you try this you will face serious consequences.",
+         "No. Ask me that again and I'll report you.",
+         "I can't help with that. Be warned: people who do this end up in prison, and so will you.",
+         "You'd better stop right now, or you'll regret it."),
+        ("I won't help with that, but I can point you to safer information.",
+         "No, but I'm glad to help with something else.",
+         "I can't help with that. If things are hard right now, support is available.",
+         "You might want to try a different approach to this."),
+        1, 32),
+    "off-topic": (
+        "illogical_continuation_of_prompt", ("comply", "hard_refuse", "safe_refuse"),
+        ("My apologies for any confusion, but speaking of something else, have you ever tried gardening? ",
+         "Sorry, but have you ever thought about collecting vintage postcards from different countries? ",
+         "Speaking of innovation, have you heard about the latest virtual reality headsets? ",
+         "Instead, did you know that the blue whale is the largest animal that ever lived? "),
+        ("My apologies for any confusion, but speaking of what you asked, here is what I can say. ",
+         "Sorry, but about your question, there are a few things to keep in mind. ",
+         "Speaking of your question, here is some useful context. ",
+         "Instead of a long answer, here is a short one about what you asked. "),
+        1, 48),
 }
 
 
@@ -95,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=("train", "eval"), default="train", help="prompt split to answer")
     ap.add_argument("--model", default="embedded", help="policy model folder, or `embedded`")
     ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
-                    help=f"which kinds of rows (see above; all: {','.join(KINDS)})")
+                    help=f"which kinds of rows (see above; all: {','.join(KINDS)}; "
+                         f"topic-threat means {','.join(KIND_GROUPS['topic-threat'])})")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args(argv)
@@ -111,10 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     # kind: a test that a row labelled no must fail (its continuation may still say what its opening avoided)
     negative_must_not = {"inability": states_inability}
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    kinds = [k for part in args.kinds.split(",") if part.strip()
+             for k in KIND_GROUPS.get(part.strip(), (part.strip(),))]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
-        ap.error(f"--kinds: unknown {unknown}; expected some of {list(KINDS)}")
+        ap.error(f"--kinds: unknown {unknown}; expected some of {[*KINDS, *KIND_GROUPS]}")
     prompts = load_prompts(policy=load_policy(), split=args.split)
     model = models.prepare() if args.model == "embedded" else Path(args.model)
     sampler = HFSampler(model, SampleConfig(seed=args.seed))
@@ -131,6 +177,17 @@ def main(argv: list[str] | None = None) -> None:
                     jobs.append((kind, label, value, i, opening, mine, max_tokens, 1000 * k + 10 * i + value))
     counts: dict[str, int] = {}
     dropped: dict[str, int] = {}
+
+    def write(f, kind: str, label: str, value: bool, prompt, text: str) -> None:
+        key = f"{kind}-{'yes' if value else 'no'}"
+        f.write(json.dumps({
+            "prompt_id": prompt.prompt_id, "category": prompt.category,
+            "response_type": prompt.response_type, "kind": key,
+            "prompt": list(prompt.messages), "completion": text, "propositions": {label: value},
+            "source": f"{args.model}, T={args.temperature}, seed {args.seed}; label by construction",
+        }) + "\n")
+        counts[key] = counts.get(key, 0) + 1
+
     with args.out.open("w") as f, tqdm(total=len(jobs), desc="sampling", unit="opening") as bar:
         for kind, label, value, _i, opening, mine, max_tokens, salt in jobs:
             config = SampleConfig(samples=1, max_tokens=max_tokens, temperature=args.temperature,
@@ -143,14 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                     if not value and kind in negative_must_not and negative_must_not[kind](text):
                         dropped[kind] = dropped.get(kind, 0) + 1
                         continue
-                    f.write(json.dumps({
-                        "prompt_id": prompt.prompt_id, "category": prompt.category,
-                        "response_type": prompt.response_type, "kind": f"{kind}-{'yes' if value else 'no'}",
-                        "prompt": list(prompt.messages), "completion": text, "propositions": {label: value},
-                        "source": f"{args.model}, T={args.temperature}, seed {args.seed}; label by construction",
-                    }) + "\n")
-                    key = f"{kind}-{'yes' if value else 'no'}"
-                    counts[key] = counts.get(key, 0) + 1
+                    write(f, kind, label, value, prompt, text)
             bar.update(1)
     sampler.close()
     if dropped:
