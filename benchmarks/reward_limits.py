@@ -15,6 +15,8 @@ and the gold file, loads no language model, and prints markdown tables for five 
                (fully_complies for comply top-1; also acknowledges_feelings, states_inability). A simulated head.
   inability    (d) A regex for an explicit inability phrase as P(states_inability) on hard_refuse. The regex was
                written after reading gold examples: a stand-in for a head that reads the phrase, not a result.
+  head-auc     (f) Each head on its own: AUC of its out-of-fold P(yes) against the human label, within each
+               response type and over all rows, with the number of human yes (compare two runs side by side).
   class-rule   (e) The best class rule found under nested CV: per response type, multinomial logistic
                regression on the log product class probabilities, fitted on the other folds' rows only.
                "stacked": training rows' served OOF probabilities (their heads saw the outer fold's labels);
@@ -399,8 +401,36 @@ def class_rule(d: Data, args: argparse.Namespace) -> None:
     print()
 
 
+def head_auc(d: Data, args: argparse.Namespace) -> None:
+    print("## (f) Each head against its human label, out of fold\n")
+    print("AUC of the run's out-of-fold P(yes) against the gold label; 'yes' is the number of human yes. "
+          "Blank: no gold label, or no yes (or no no) in that response type.\n")
+    types = [d.type(rt) for rt in TYPES]
+    names = sorted({n for t in types for n in t.spec.propositions})
+    overall: list[float] = []
+    print("| proposition | " + " | ".join(f"{rt}: AUC (yes)" for rt in TYPES) + " | all rows: AUC (yes) |")
+    print("|---|" + "---|" * (len(TYPES) + 1))
+    for name in names:
+        cells, p_all, y_all = [], [], []
+        for t in types:
+            if name not in t.spec.propositions or name in d.rows[t.idx[0]].assumed:
+                cells.append("")
+                continue
+            c = t.spec.propositions.index(name)
+            p, y = t.P[:, c], t.H[:, c]
+            p_all.append(p)
+            y_all.append(y)
+            cells.append(f"{roc_auc(p, y):.3f} ({int(y.sum())})" if 0 < y.sum() < len(y) else "")
+        p, y = (np.concatenate(p_all), np.concatenate(y_all)) if p_all else (np.array([]), np.array([]))
+        if 0 < y.sum() < len(y):
+            overall.append(roc_auc(p, y))
+        cells.append(f"{overall[-1]:.3f} ({int(y.sum())})" if 0 < y.sum() < len(y) else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\nMean over the {len(overall)} propositions with a gold yes and no: {np.mean(overall):.3f}\n")
+
+
 SECTIONS = {"oracle": oracle, "hard-refuse": hard_refuse, "fc-auc": fc_auc, "inability": inability,
-            "class-rule": class_rule}
+            "class-rule": class_rule, "head-auc": head_auc}
 
 
 def main(argv: list[str] | None = None) -> None:
