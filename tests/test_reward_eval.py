@@ -218,3 +218,19 @@ def test_ranking_rows_rank_gold_by_class_and_keep_only_certain_synthetic_pairs()
     assert fitter.metrics_["hard_refuse"]["train_pair_accuracy"] == 1.0
     with pytest.raises(rev.RewardEvalError, match="fold"):
         rev.ranking_rows(policy, [{k: v for k, v in gold[0].items() if k != "fold"}])
+
+
+def test_every_certain_pair_can_be_formed_from_the_shipped_weak_rows():
+    """Each kind CERTAIN_PAIRS names is written by the shipped weak-row files, on prompts of its response type,
+    and every better/worse pair meets on at least one prompt (a renamed kind would silently drop its pairs)."""
+    data = Path(rev.__file__).parent / "data"
+    prompts: dict[tuple[str, str], set[str]] = {}
+    for path in sorted(data.glob("weak_*_rows.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            prompts.setdefault((row["response_type"], row["kind"]), set()).add(row["prompt_id"])
+    for rt, table in rev.CERTAIN_PAIRS.items():
+        for better, worse_kinds in table.items():
+            for worse in worse_kinds:
+                both = prompts.get((rt, better), set()) & prompts.get((rt, worse), set())
+                assert both, f"{rt}: no prompt has both a {better!r} and a {worse!r} row"
