@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # every row for the length + head regression; comply rows with a completion for the model signals
     y_all, head_all, len_all, is_comply = [], [], [], []
-    sig: dict[str, list[float]] = {k: [] for k in ("length", "log p after the conversation", "log p after an empty turn",
-                                                   "PMI per token", "PMI summed")}
+    names = ("length", "log p after the conversation", "log p after an empty turn", "PMI per token", "PMI summed")
+    sig: dict[str, list[float]] = {k: [] for k in names}
     y_sig = []
     for i, g in enumerate(tqdm(gold, desc="rows", unit="row")):
         text = g["completion"][0]["content"]
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         cond, free = completion_logprobs(g["prompt"], text), completion_logprobs([], text)
         y_sig.append(y_all[-1])
-        for k, v in (("length", len(text)), ("log p after the conversation", cond.mean()), ("log p after an empty turn", free.mean()),
-                     ("PMI per token", (cond - free).mean()), ("PMI summed", (cond - free).sum())):
+        values = (len(text), cond.mean(), free.mean(), (cond - free).mean(), (cond - free).sum())
+        for k, v in zip(names, values, strict=True):
             sig[k].append(float(v))
 
     ys = np.array(y_sig, dtype=float)
