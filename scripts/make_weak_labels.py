@@ -45,6 +45,10 @@ KINDS = {
     "harmful-forced": (("hard_refuse", "safe_refuse"), COMPLIANT, True, 4, 80),
     "refusal": (("hard_refuse", "safe_refuse"), REFUSING, False, 4, 12),
 }
+# Labels a kind settles beside LABEL: a short refusal of a harmful request is a logical continuation (without
+# these rows the `illogical_or_off_topic` head, whose human yes include empty and very short answers, read
+# "Sorry, I cannot help with that." as off topic).
+EXTRA_LABELS = {"refusal": {"illogical_continuation_of_prompt": False}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps({
                         "prompt_id": prompt.prompt_id, "category": prompt.category,
                         "response_type": prompt.response_type, "kind": kind, "prompt": list(prompt.messages),
-                        "completion": text, "propositions": {LABEL: label},
+                        "completion": text, "propositions": {LABEL: label, **EXTRA_LABELS.get(kind, {})},
                         "source": f"{args.model}, T={args.temperature}, seed {args.seed}; label by construction",
                     }) + "\n")
                     counts[kind] = counts.get(kind, 0) + 1
