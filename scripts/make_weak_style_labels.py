@@ -177,17 +177,6 @@ def main(argv: list[str] | None = None) -> None:
                     jobs.append((kind, label, value, i, opening, mine, max_tokens, 1000 * k + 10 * i + value))
     counts: dict[str, int] = {}
     dropped: dict[str, int] = {}
-
-    def write(f, kind: str, label: str, value: bool, prompt, text: str) -> None:
-        key = f"{kind}-{'yes' if value else 'no'}"
-        f.write(json.dumps({
-            "prompt_id": prompt.prompt_id, "category": prompt.category,
-            "response_type": prompt.response_type, "kind": key,
-            "prompt": list(prompt.messages), "completion": text, "propositions": {label: value},
-            "source": f"{args.model}, T={args.temperature}, seed {args.seed}; label by construction",
-        }) + "\n")
-        counts[key] = counts.get(key, 0) + 1
-
     with args.out.open("w") as f, tqdm(total=len(jobs), desc="sampling", unit="opening") as bar:
         for kind, label, value, _i, opening, mine, max_tokens, salt in jobs:
             config = SampleConfig(samples=1, max_tokens=max_tokens, temperature=args.temperature,
@@ -200,7 +189,14 @@ def main(argv: list[str] | None = None) -> None:
                     if not value and kind in negative_must_not and negative_must_not[kind](text):
                         dropped[kind] = dropped.get(kind, 0) + 1
                         continue
-                    write(f, kind, label, value, prompt, text)
+                    key = f"{kind}-{'yes' if value else 'no'}"
+                    f.write(json.dumps({
+                        "prompt_id": prompt.prompt_id, "category": prompt.category,
+                        "response_type": prompt.response_type, "kind": key,
+                        "prompt": list(prompt.messages), "completion": text, "propositions": {label: value},
+                        "source": f"{args.model}, T={args.temperature}, seed {args.seed}; label by construction",
+                    }) + "\n")
+                    counts[key] = counts.get(key, 0) + 1
             bar.update(1)
     sampler.close()
     if dropped:
