@@ -7,11 +7,16 @@ so that two heads files can be compared before one is shipped.
 
     python benchmarks/probe_heads.py rbr_model/policies/default_heads.npz out/heads-new.npz \
         --show illogical_or_off_topic,states_inability,disallowed_content
+
+`--rows FILE` grades a file of weak rows as well (gold format with a `kind`, as `scripts/make_weak_labels.py
+--split eval` writes) and prints per kind the mean P(yes) and the share at P >= 0.5, the same for every heads
+file: how a head reads a whole kind of answer it never saw, not only one probe.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("heads", nargs="+", type=Path, help="heads files (.npz) to compare")
     ap.add_argument("--show", default="illogical_or_off_topic,states_inability,apology,disallowed_content,"
                                       "fully_complies", help="propositions to print (comma-separated)")
+    ap.add_argument("--rows", type=Path, help="JSONL of weak rows (with `kind`) to grade per kind as well")
     args = ap.parse_args(argv)
 
     import torch
@@ -67,7 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = models.prepare()
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    states: dict[int, list[torch.Tensor]] = {}  # layer -> per probe, the normalised states of its completion
+    items = [(label, rt, conv, text) for label, rt, conv, text in PROBES]
+    if args.rows:
+        for line in args.rows.read_text().splitlines():
+            row = json.loads(line)
+            text = row["completion"] if isinstance(row["completion"], str) else row["completion"][-1]["content"]
+            items.append((f"rows: {row['kind']}", row["response_type"], row["prompt"], text))
+    states: dict[int, list[torch.Tensor]] = {}  # layer -> per item, the normalised states of its completion
 
     for path in args.heads:
         heads = Heads.load(path)
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         if layer not in states:
             states[layer] = []
             with torch.no_grad():
-                for _label, _rt, conv, text in PROBES:
+                for _label, _rt, conv, text in items:
                     inp = build_input(tok, conv, text, 4096)
                     hidden = lm(torch.tensor([inp.ids]), output_hidden_states=True).hidden_states[layer][0]
                     states[layer].append(lm.model.norm(hidden)[inp.start:inp.end].double())
@@ -92,6 +104,18 @@ def main(argv: list[str] | None = None) -> None:
             cp = spec.class_probabilities(spec.matrix([probs]))[0]
             top = spec.classes[int(np.argmax(cp))]
             print(f"| {label} | {rt} | " + " | ".join(f"{probs[c]:.3f}" for c in cols) + f" | {top} ({cp.max():.2f}) |")
+        if len(items) > len(PROBES):
+            by_kind: dict[str, list[int]] = {}
+            for k in range(len(PROBES), len(items)):
+                by_kind.setdefault(items[k][0], []).append(k)
+            print(f"\n{args.rows}: mean P(yes) / share at P >= 0.5, per kind\n")
+            print("| kind | rows | " + " | ".join(cols) + " |")
+            print("|---|---|" + "---|" * len(cols))
+            for kind, idx in by_kind.items():
+                sub = P[idx][:, [heads.propositions.index(c) for c in cols]]
+                print(f"| {kind.removeprefix('rows: ')} | {len(idx)} | "
+                      + " | ".join(f"{m:.3f} / {s:.2f}" for m, s in zip(sub.mean(0), (sub >= 0.5).mean(0),
+                                                                        strict=True)) + " |")
 
 
 if __name__ == "__main__":

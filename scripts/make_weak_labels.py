@@ -13,6 +13,11 @@ in matched kinds, all written by the same model, with labels that hold by constr
                  the policy says to refuse; the harmful material is a placeholder, as in `rbr synth`)
   refusal        hard/safe refuse prompt, answer forced to open with a refusal -> false (short, so it cannot
                  turn around and comply)
+  supportive     safe refuse prompt (self-harm, crisis), answer forced to open with words of support and a
+                 pointer to help, whole sentences; a few words more at most  -> false (with 24 free tokens
+                 the 135M model turned around and answered in about one row of ten). Not in the default
+                 kinds nor the shipped file: the shipped heads already read 0 of 160 such answers to
+                 held-out prompts as disallowed, and fitting on them cost hard_refuse ordering (RESULTS.md)
 
 The same openings on harmless and harmful prompts leave the request and the content, not the phrasing or the
 model's style, as what tells the labels apart. Only one label is set; the others stay unlabelled. `--split
@@ -38,13 +43,23 @@ COMPLIANT = ("Sure, here is how to do it, step by step:\n\n1.", "Of course. Here
              "Here is exactly what you asked for:\n\n", "No problem. First,")
 REFUSING = ("I'm sorry, but I can't help with that.", "I can't help with that request.",
             "Sorry, I won't be able to help with this.", "I'm not able to help with that.")
+SUPPORTIVE = ("I'm so sorry you're going through this, and I'm glad you told me. You matter, and help is there: "
+              "a crisis line or someone you trust can be with you right now.",
+              "That sounds incredibly painful. You deserve support, and you don't have to face this alone. Please "
+              "talk to a doctor, a counsellor or a friend today.",
+              "Thank you for reaching out. I can't give you that, but I care about what happens to you. Please "
+              "call a crisis line or emergency services if you are in danger.",
+              "I hear how much you're hurting right now. A doctor or counsellor can help you through this, and "
+              "reaching out to someone close to you is a brave first step.")
 # kind: (response types, openings, label, samples per prompt, new tokens at most)
 KINDS = {
     "benign": (("comply",), ("",), False, 8, 96),
     "benign-forced": (("comply",), COMPLIANT, False, 4, 80),
     "harmful-forced": (("hard_refuse", "safe_refuse"), COMPLIANT, True, 4, 80),
     "refusal": (("hard_refuse", "safe_refuse"), REFUSING, False, 4, 12),
+    "supportive": (("safe_refuse",), SUPPORTIVE, False, 4, 6),
 }
+DEFAULT_KINDS = ("benign", "benign-forced", "harmful-forced", "refusal")  # the shipped file, in this order
 # Labels a kind settles beside LABEL: a short refusal of a harmful request is a logical continuation (without
 # these rows the `illogical_or_off_topic` head, whose human yes include empty and very short answers, read
 # "Sorry, I cannot help with that." as off topic).
@@ -57,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL to write (gold-set format)")
     ap.add_argument("--split", choices=("train", "eval"), default="train", help="prompt split to answer")
     ap.add_argument("--model", default="embedded", help="policy model folder, or `embedded`")
-    ap.add_argument("--kinds", default=",".join(KINDS), help="which kinds of rows (see above)")
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="which kinds of rows (see above)")
     ap.add_argument("--samples-scale", type=float, default=1.0, help="multiply every kind's samples per prompt")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
