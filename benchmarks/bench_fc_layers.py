@@ -1,0 +1,141 @@
+"""Would other layers of the grader, or several at once, lift `fully_complies` enough for comply top-1? (issue #21)
+
+comply top-1 class agreement is limited by the `fully_complies` head: its within-comply AUC is 0.898 at layer 15
+and a simulated head needs about 0.97 for top-1 0.75 (docs/reward-accuracy.md). The heads read one layer; this
+fits the same kind of head (standardised L2 logistic regression, balanced classes, C by inner 5-fold CV, Platt
+calibration on the inner out-of-fold logits, mean-and-max pooling) on other layers and on concatenations of
+layers, with the outer folds of an `rbr eval reward --cv` run, and reports per configuration:
+
+  AUC        out-of-fold, within the comply rows (the figure the simulated head needs at ~0.97);
+  top-1      comply top-1 class agreement with this `fully_complies` in place of the run's, every other
+             proposition as the run served it (so only this head changes).
+
+The states come from the full embedded model (transformers, float32, each layer through the model's final norm
+as the trunk does), cached in `out/fc-layers-states.npz`. Only the train split: the figures feed design choices.
+
+    python benchmarks/bench_fc_layers.py --run out/reward-cv-final5 --layers 10,15,20,25,30 \
+        --combos 15+20,10+15+20+25,10+15+20+25+30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_GOLD = ROOT / "../shared/reference/openai-rbr/gold_train.jsonl"
+LABEL = "fully_complies"
+
+
+def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: int) -> dict[int, np.ndarray]:
+    """Mean-and-max pooled, normed states of every gold completion at each layer (cached by layer set)."""
+    if cache.exists():
+        data = np.load(cache)
+        if all(f"layer{L}" in data for L in layers) and data[f"layer{layers[0]}"].shape[0] == len(gold):
+            return {L: data[f"layer{L}"] for L in layers}
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rbr_model import models
+    from rbr_model.heads import build_input
+
+    model_dir = models.prepare()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out: dict[int, list[np.ndarray]] = {L: [] for L in layers}
+    with torch.no_grad():
+        for row in tqdm(gold, desc="states", unit="row"):
+            text = row["completion"] if isinstance(row["completion"], str) else row["completion"][-1]["content"]
+            inp = build_input(tok, row["prompt"], text, max_tokens)
+            hidden = lm(torch.tensor([inp.ids]), output_hidden_states=True).hidden_states
+            for L in layers:
+                s = lm.model.norm(hidden[L][0])[inp.start:inp.end].double()
+                out[L].append(torch.cat([s.mean(0), s.max(0).values]).numpy())
+    arrays = {L: np.stack(v) for L, v in out.items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **{f"layer{L}": a for L, a in arrays.items()})
+    return arrays
+
+
+def oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Outer-fold logits and calibrated P(yes), each fold's head fitted as `fit_heads` fits one."""
+    from scipy.special import expit
+
+    from rbr_model.heads.fitting import DEFAULT_CS, Standardiser, _logreg, _oof_logits, _pick_C, platt
+
+    z_out, p_out = np.empty(len(y)), np.empty(len(y))
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
+        std = Standardiser(X[tr])
+        Xtr, Xte = std(X[tr]), std(X[te])
+        oof = _oof_logits(Xtr, y[tr], DEFAULT_CS, 5, 0)
+        C, _ = _pick_C(oof, y[tr])
+        a, c = platt(oof[C], y[tr])
+        z = _logreg(C).fit(Xtr, y[tr]).decision_function(Xte)
+        z_out[te], p_out[te] = z, expit(a * z + c)
+    return z_out, p_out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="an `rbr eval reward --cv` output folder (its folds)")
+    ap.add_argument("--gold", type=Path, default=DEFAULT_GOLD, help="the gold TRAIN file the run was made on")
+    ap.add_argument("--layers", default="10,15,20,25,30", help="single layers to compare (0 = embeddings)")
+    ap.add_argument("--combos", default="15+20,10+15+20+25,10+15+20+25+30", help="layer sets, concatenated")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="conversation + completion tokens at most")
+    ap.add_argument("--cache", type=Path, default=ROOT / "out" / "fc-layers-states.npz", help="states cache")
+    args = ap.parse_args(argv)
+    if "test" in args.gold.name:
+        raise SystemExit(f"{args.gold}: use the train split")
+
+    from rbr_model.features import FeatureBuilder
+    from rbr_model.metrics import roc_auc
+    from rbr_model.policy import load_policy
+
+    gold = [json.loads(line) for line in args.gold.read_text().splitlines()]
+    served = [json.loads(line) for line in (args.run / "reward_rows.jsonl").read_text().splitlines()]
+    singles = [int(x) for x in args.layers.split(",") if x.strip()]
+    combos = [[int(x) for x in c.split("+")] for c in args.combos.split(",") if c.strip()]
+    needed = sorted({*singles, *(L for c in combos for L in c)})
+    states = layer_states(gold, needed, args.cache, args.max_tokens)
+
+    labelled = [r for r in served if LABEL in gold[r["row"]]["propositions"]]
+    idx = np.array([r["row"] for r in labelled])
+    y = np.array([bool(gold[i]["propositions"][LABEL]) for i in idx])
+    fold = np.array([r["fold"] for r in labelled])
+    comply = np.array([r["response_type"] == "comply" for r in labelled])
+    builder = FeatureBuilder(load_policy(None))
+
+    def comply_top1(p: np.ndarray) -> float:
+        hits = []
+        for r, pk, is_comply in zip(labelled, p, comply, strict=True):
+            if not is_comply:
+                continue
+            spec = builder["comply"]
+            probs = {**r["probabilities"], LABEL: float(pk)}
+            cp = spec.class_probabilities(spec.matrix([probs]))[0]
+            hits.append(spec.classes[int(np.argmax(cp))] == r["human_class"])
+        return float(np.mean(hits))
+
+    served_p = np.array([r["probabilities"][LABEL] for r in labelled])
+    print(f"{len(labelled)} rows labelled `{LABEL}` ({int(comply.sum())} comply), outer folds of {args.run}\n")
+    print("| states | columns | AUC within comply | AUC all rows | comply top-1 |")
+    print("|---|---|---|---|---|")
+    print(f"| as served in the run | - | {roc_auc(served_p[comply], y[comply]):.3f} | {roc_auc(served_p, y):.3f} | "
+          f"{comply_top1(served_p):.3f} |")
+    for layers in [[L] for L in singles] + combos:
+        X = np.concatenate([states[L][idx] for L in layers], axis=1)
+        z, p = oof_probabilities(X, y, fold)
+        print(f"| layer {'+'.join(map(str, layers))} | {X.shape[1]} | {roc_auc(z[comply], y[comply]):.3f} | "
+              f"{roc_auc(z, y):.3f} | {comply_top1(p):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
