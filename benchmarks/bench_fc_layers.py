@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     if "test" in args.gold.name:
         raise SystemExit(f"{args.gold}: use the train split")
 
+    from scipy.special import expit
+
     from rbr_model.features import FeatureBuilder
     from rbr_model.metrics import roc_auc
     from rbr_model.policy import load_policy
@@ -133,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     for layers in [[L] for L in singles] + combos:
         X = np.concatenate([states[L][idx] for L in layers], axis=1)
         z, p = oof_probabilities(X, y, fold)
-        print(f"| layer {'+'.join(map(str, layers))} | {X.shape[1]} | {roc_auc(z[comply], y[comply]):.3f} | "
-              f"{roc_auc(z, y):.3f} | {comply_top1(p):.3f} |", flush=True)
+        r = expit(z)  # roc_auc takes probabilities; the uncalibrated ones rank as the logits do
+        print(f"| layer {'+'.join(map(str, layers))} | {X.shape[1]} | {roc_auc(r[comply], y[comply]):.3f} | "
+              f"{roc_auc(r, y):.3f} | {comply_top1(p):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
