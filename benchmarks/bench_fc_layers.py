@@ -43,7 +43,7 @@ def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rbr_model import models
-    from rbr_model.heads import build_input
+    from rbr_model.heads import MEAN_AND_MAX, build_input, pool_span
 
     model_dir = models.prepare()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -55,8 +55,8 @@ def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: i
             inp = build_input(tok, row["prompt"], text, max_tokens)
             hidden = lm(torch.tensor([inp.ids]), output_hidden_states=True).hidden_states
             for L in layers:
-                s = lm.model.norm(hidden[L][0])[inp.start:inp.end].double()
-                out[L].append(torch.cat([s.mean(0), s.max(0).values]).numpy())
+                out[L].append(pool_span(lm.model.norm(hidden[L][0])[inp.start:inp.end].double().numpy(),
+                                        MEAN_AND_MAX))
     arrays = {L: np.stack(v) for L, v in out.items()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **{f"layer{L}": a for L, a in arrays.items()})

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rbr_model import models
     from rbr_model.features import FeatureBuilder
-    from rbr_model.heads import MEAN_AND_MAX, Heads, build_input
+    from rbr_model.heads import Heads, build_input, pool_span
     from rbr_model.policy import load_policy
 
     policy = load_policy(None)
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                     inp = build_input(tok, conv, text, 4096)
                     hidden = lm(torch.tensor([inp.ids]), output_hidden_states=True).hidden_states[layer][0]
                     states[layer].append(lm.model.norm(hidden)[inp.start:inp.end].double())
-        pooled = np.stack([torch.cat([s.mean(0)] + ([s.max(0).values] if heads.pooling == MEAN_AND_MAX else []))
-                           .numpy() for s in states[layer]])
+        pooled = np.stack([pool_span(s.numpy(), heads.pooling) for s in states[layer]])
         P = heads.predict(pooled)
         cols = [p for p in show if p in heads.propositions]
         print(f"\n{path} (heads {heads.fingerprint[:12]}, pooling {heads.pooling})\n")
