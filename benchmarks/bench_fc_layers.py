@@ -10,6 +10,10 @@ layers, with the outer folds of an `rbr eval reward --cv` run, and reports per c
   top-1      comply top-1 class agreement with this `fully_complies` in place of the run's, every other
              proposition as the run served it (so only this head changes).
 
+`--classifiers logreg,rbf` also fits, on the same states and folds, an RBF-kernel SVM (balanced classes; C and
+gamma by inner 5-fold CV AUC, Platt-calibrated on the inner out-of-fold scores): is a nonlinear head the lever the
+linear one is not? (The service's heads are linear; this only measures.)
+
 The states come from the full embedded model (transformers, float32, each layer through the model's final norm
 as the trunk does), cached in `out/fc-layers-states.npz`. Only the train split: the figures feed design choices.
 
@@ -82,6 +86,38 @@ def oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[n
     return z_out, p_out
 
 
+RBF_GRID = [(C, g) for C in (1.0, 3.0) for g in (0.3, 1.0, 3.0)]  # gamma as a multiple of 1 / columns
+
+
+def rbf_oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Outer-fold scores and calibrated P(yes) of an RBF SVM per outer fold, (C, gamma) by inner CV AUC."""
+    from scipy.special import expit
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.svm import SVC
+
+    from rbr_model.heads.fitting import Standardiser, platt
+    from rbr_model.metrics import roc_auc
+
+    z_out, p_out = np.empty(len(y)), np.empty(len(y))
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
+        std = Standardiser(X[tr])
+        Xtr, Xte = std(X[tr]), std(X[te])
+        inner = StratifiedKFold(5, shuffle=True, random_state=0)
+        best = None
+        for C, g in RBF_GRID:
+            svm = SVC(C=C, gamma=g / X.shape[1], class_weight="balanced")
+            oof = cross_val_predict(svm, Xtr, y[tr], cv=inner, method="decision_function")
+            score = roc_auc(expit(oof), y[tr])
+            if best is None or score > best[0] + 1e-9:
+                best = (score, svm, oof)
+        _, svm, oof = best
+        a, c = platt(oof, y[tr])
+        z = svm.fit(Xtr, y[tr]).decision_function(Xte)
+        z_out[te], p_out[te] = z, expit(a * z + c)
+    return z_out, p_out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gold", type=Path, default=DEFAULT_GOLD, help="the gold TRAIN file the run was made on")
     ap.add_argument("--layers", default="10,15,20,25,30", help="single layers to compare (0 = embeddings)")
     ap.add_argument("--combos", default="15+20,10+15+20+25,10+15+20+25+30", help="layer sets, concatenated")
+    ap.add_argument("--classifiers", default="logreg", help="heads to fit per layer set: logreg (as shipped), rbf")
     ap.add_argument("--max-tokens", type=int, default=4096, help="conversation + completion tokens at most")
     ap.add_argument("--cache", type=Path, default=ROOT / "out" / "fc-layers-states.npz", help="states cache")
     args = ap.parse_args(argv)
@@ -128,16 +165,21 @@ def main(argv: list[str] | None = None) -> None:
 
     served_p = np.array([r["probabilities"][LABEL] for r in labelled])
     print(f"{len(labelled)} rows labelled `{LABEL}` ({int(comply.sum())} comply), outer folds of {args.run}\n")
-    print("| states | columns | AUC within comply | AUC all rows | comply top-1 |")
-    print("|---|---|---|---|---|")
-    print(f"| as served in the run | - | {roc_auc(served_p[comply], y[comply]):.3f} | {roc_auc(served_p, y):.3f} | "
-          f"{comply_top1(served_p):.3f} |")
+    fitters = {"logreg": oof_probabilities, "rbf": rbf_oof_probabilities}
+    kinds = [c.strip() for c in args.classifiers.split(",") if c.strip()]
+    if not kinds or any(c not in fitters for c in kinds):
+        raise SystemExit(f"--classifiers {args.classifiers!r}: choose from {', '.join(fitters)}")
+    print("| states | head | columns | AUC within comply | AUC all rows | comply top-1 |")
+    print("|---|---|---|---|---|---|")
+    print(f"| as served in the run | logreg | - | {roc_auc(served_p[comply], y[comply]):.3f} | "
+          f"{roc_auc(served_p, y):.3f} | {comply_top1(served_p):.3f} |")
     for layers in [[L] for L in singles] + combos:
         X = np.concatenate([states[L][idx] for L in layers], axis=1)
-        z, p = oof_probabilities(X, y, fold)
-        r = expit(z)  # roc_auc takes probabilities; the uncalibrated ones rank as the logits do
-        print(f"| layer {'+'.join(map(str, layers))} | {X.shape[1]} | {roc_auc(r[comply], y[comply]):.3f} | "
-              f"{roc_auc(r, y):.3f} | {comply_top1(p):.3f} |", flush=True)
+        for kind in kinds:
+            z, p = fitters[kind](X, y, fold)
+            r = expit(z)  # roc_auc takes probabilities; the uncalibrated ones rank as the logits do
+            print(f"| layer {'+'.join(map(str, layers))} | {kind} | {X.shape[1]} | "
+                  f"{roc_auc(r[comply], y[comply]):.3f} | {roc_auc(r, y):.3f} | {comply_top1(p):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

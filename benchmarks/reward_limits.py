@@ -17,6 +17,9 @@ and the gold file, loads no language model, and prints markdown tables for five 
                written after reading gold examples: a stand-in for a head that reads the phrase, not a result.
   head-auc     (f) Each head on its own: AUC of its out-of-fold P(yes) against the human label, within each
                response type and over all rows, with the number of human yes (compare two runs side by side).
+  recalibrate  (g) Two cheap fixes under nested CV, fitted on the other folds' rows of the response type: each
+               head's Platt map refitted per response type (the shipped map is fitted on all rows and response
+               types at once), and the argmax over class probabilities with one multiplier per class (a grid).
   class-rule   (e) The best class rule found under nested CV: per response type, multinomial logistic
                regression on the log product class probabilities, fitted on the other folds' rows only.
                "stacked": training rows' served OOF probabilities (their heads saw the outer fold's labels);
@@ -429,8 +432,54 @@ def head_auc(d: Data, args: argparse.Namespace) -> None:
     print(f"\nMean over the {len(overall)} propositions with a gold yes and no: {np.mean(overall):.3f}\n")
 
 
+def recalibrate(d: Data, args: argparse.Namespace) -> None:
+    import itertools
+
+    from rbr_model.heads.fitting import platt
+
+    grid, fixed = (0.5, 0.7, 1.0, 1.4, 2.0, 3.0), ("unacceptable_completion", "disallowed_completion")
+    print("## (g) Per-type calibration and class multipliers, nested CV\n")
+    print("Per response type and outer fold, fitted on the other folds' rows. 'per-type Platt': each head's P "
+          "mapped by sigmoid(a * logit P + c) fitted on the training rows of that type (a head whose label has "
+          "fewer than 3 yes or no there keeps its P). 'class multipliers': the most likely class is the argmax of "
+          f"m_c * P(class), m_c for every class but {' and '.join(fixed)} from {list(grid)}, the grid point with "
+          "the best training top-1.\n")
+    print("| response type | variant | top-1 | pair acc |\n|---|---|---|---|")
+    for rt in TYPES:
+        t = d.type(rt)
+        labelled = [n not in d.rows[t.idx[0]].assumed for n in t.spec.propositions]
+        Q = t.P.copy()
+        for k in np.unique(t.fold):
+            tr, te = t.fold != k, t.fold == k
+            for j in np.flatnonzero(labelled):
+                y = t.H[tr, j] > 0.5
+                if min(y.sum(), (~y).sum()) >= 3:
+                    a, c = platt(logit(t.P[tr, j]), y)
+                    Q[te, j] = 1 / (1 + np.exp(-(a * logit(t.P[te, j]) + c)))
+        cp = t.spec.class_probabilities(t.P)
+        free = [i for i, c in enumerate(t.spec.classes) if c not in fixed]
+        weighted = np.zeros_like(cp)
+        for k in np.unique(t.fold):
+            tr, te = t.fold != k, t.fold == k
+            best, best_m = -1.0, np.ones(cp.shape[1])
+            for ms in itertools.product(grid, repeat=len(free)):
+                m = np.ones(cp.shape[1])
+                m[free] = ms
+                acc = float(np.mean((cp[tr] * m).argmax(1) == t.rank[tr]))
+                if acc > best + 1e-12:
+                    best, best_m = acc, m
+            weighted[te] = cp[te] * best_m
+        weighted /= weighted.sum(axis=1, keepdims=True)  # the reward reads class probabilities that sum to 1
+        for name, P, c in (("served (product rule)", t.P, None), ("per-type Platt", Q, None),
+                           ("class multipliers", t.P, weighted)):
+            t1, pa = d.figures(t, P, c)
+            print(f"| {rt} | {name} | {t1:.3f} | {pa:.3f} |")
+    print()
+
+
 SECTIONS = {"oracle": oracle, "hard-refuse": hard_refuse, "fc-auc": fc_auc, "inability": inability,
-            "class-rule": class_rule, "head-auc": head_auc}
+            "class-rule": class_rule, "head-auc": head_auc,
+            "recalibrate": recalibrate}
 
 
 def main(argv: list[str] | None = None) -> None:
