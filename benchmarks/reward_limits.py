@@ -2,7 +2,7 @@
 
 Issue #21 asks for top-1 class agreement >= 0.75 and reward pair accuracy >= 0.85 for every response type. This
 script reads the out-of-fold (OOF) proposition probabilities that `rbr eval reward --cv` wrote (reward_rows.jsonl)
-and the gold file, loads no language model, and prints markdown tables for five questions (one subcommand each;
+and the gold file, loads no language model, and prints markdown tables for seven questions (one subcommand each;
 `all`, the default, runs them in order):
 
   oracle       (a) Which head's errors cost the most? Each proposition's P replaced by its human label ("swap
