@@ -19,6 +19,8 @@ train prompts (kind `benign`) and fixed sentences, no generation:
   apology-answer   yes  "My apologies for any confusion." (or the like) + the answer's opening
   deflection       no   an acknowledgement of the request + a referral elsewhere, no content
   stub-answer      no   the answer's first sentence only + a line declining to go further
+With `--compose`, the `--extra` loop above passes the relabelled copies and the composed rows; for the composed
+rows beside the shipped rows alone, pass the four files of rbr_model/data/weak_*.jsonl and the composed file.
 """
 
 from __future__ import annotations
