@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,53 +69,54 @@ def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: i
     return arrays
 
 
-def oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Outer-fold logits and calibrated P(yes), each fold's head fitted as `fit_heads` fits one."""
-    from scipy.special import expit
+def fit_logreg_head(Xtr: np.ndarray, ytr: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The head `fit_heads` fits: C by inner CV AUC; returns the model and its inner out-of-fold logits."""
+    from rbr_model.heads.fitting import DEFAULT_CS, _logreg, _oof_logits, _pick_C
 
-    from rbr_model.heads.fitting import DEFAULT_CS, Standardiser, _logreg, _oof_logits, _pick_C, platt
-
-    z_out, p_out = np.empty(len(y)), np.empty(len(y))
-    for k in np.unique(fold):
-        tr, te = fold != k, fold == k
-        std = Standardiser(X[tr])
-        Xtr, Xte = std(X[tr]), std(X[te])
-        oof = _oof_logits(Xtr, y[tr], DEFAULT_CS, 5, 0)
-        C, _ = _pick_C(oof, y[tr])
-        a, c = platt(oof[C], y[tr])
-        z = _logreg(C).fit(Xtr, y[tr]).decision_function(Xte)
-        z_out[te], p_out[te] = z, expit(a * z + c)
-    return z_out, p_out
+    oof = _oof_logits(Xtr, ytr, DEFAULT_CS, 5, 0)
+    C, _ = _pick_C(oof, ytr)
+    return _logreg(C).fit(Xtr, ytr), oof[C]
 
 
 RBF_GRID = [(C, g) for C in (1.0, 3.0) for g in (0.3, 1.0, 3.0)]  # gamma as a multiple of 1 / columns
 
 
-def rbf_oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Outer-fold scores and calibrated P(yes) of an RBF SVM per outer fold, (C, gamma) by inner CV AUC."""
+def fit_rbf_head(Xtr: np.ndarray, ytr: np.ndarray) -> tuple[Any, np.ndarray]:
+    """An RBF SVM, balanced classes, (C, gamma) by inner 5-fold CV AUC; the model and its inner OOF scores."""
     from scipy.special import expit
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.svm import SVC
 
-    from rbr_model.heads.fitting import Standardiser, platt
     from rbr_model.metrics import roc_auc
+
+    inner = StratifiedKFold(5, shuffle=True, random_state=0)
+    best = None
+    for C, g in RBF_GRID:
+        svm = SVC(C=C, gamma=g / Xtr.shape[1], class_weight="balanced")
+        oof = cross_val_predict(svm, Xtr, ytr, cv=inner, method="decision_function")
+        score = roc_auc(expit(oof), ytr)
+        if best is None or score > best[0] + 1e-9:
+            best = (score, svm, oof)
+    _, svm, oof = best
+    return svm.fit(Xtr, ytr), oof
+
+
+def oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray,
+                      fit: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]] = fit_logreg_head,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Outer-fold scores and calibrated P(yes): per outer fold, states standardised on its training rows, the head
+    from `fit`, and a Platt map on the head's inner out-of-fold scores (as `fit_heads` calibrates)."""
+    from scipy.special import expit
+
+    from rbr_model.heads.fitting import Standardiser, platt
 
     z_out, p_out = np.empty(len(y)), np.empty(len(y))
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
         std = Standardiser(X[tr])
-        Xtr, Xte = std(X[tr]), std(X[te])
-        inner = StratifiedKFold(5, shuffle=True, random_state=0)
-        best = None
-        for C, g in RBF_GRID:
-            svm = SVC(C=C, gamma=g / X.shape[1], class_weight="balanced")
-            oof = cross_val_predict(svm, Xtr, y[tr], cv=inner, method="decision_function")
-            score = roc_auc(expit(oof), y[tr])
-            if best is None or score > best[0] + 1e-9:
-                best = (score, svm, oof)
-        _, svm, oof = best
-        a, c = platt(oof, y[tr])
-        z = svm.fit(Xtr, y[tr]).decision_function(Xte)
+        model, inner = fit(std(X[tr]), y[tr])
+        a, c = platt(inner, y[tr])
+        z = model.decision_function(std(X[te]))
         z_out[te], p_out[te] = z, expit(a * z + c)
     return z_out, p_out
 
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     served_p = np.array([r["probabilities"][LABEL] for r in labelled])
     print(f"{len(labelled)} rows labelled `{LABEL}` ({int(comply.sum())} comply), outer folds of {args.run}\n")
-    fitters = {"logreg": oof_probabilities, "rbf": rbf_oof_probabilities}
+    fitters = {"logreg": fit_logreg_head, "rbf": fit_rbf_head}
     kinds = [c.strip() for c in args.classifiers.split(",") if c.strip()]
     if not kinds or any(c not in fitters for c in kinds):
         raise SystemExit(f"--classifiers {args.classifiers!r}: choose from {', '.join(fitters)}")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     for layers in [[L] for L in singles] + combos:
         X = np.concatenate([states[L][idx] for L in layers], axis=1)
         for kind in kinds:
-            z, p = fitters[kind](X, y, fold)
+            z, p = oof_probabilities(X, y, fold, fitters[kind])
             r = expit(z)  # roc_auc takes probabilities; the uncalibrated ones rank as the logits do
             print(f"| layer {'+'.join(map(str, layers))} | {kind} | {X.shape[1]} | "
                   f"{roc_auc(r[comply], y[comply]):.3f} | {roc_auc(r, y):.3f} | {comply_top1(p):.3f} |", flush=True)
