@@ -14,8 +14,13 @@ layers, with the outer folds of an `rbr eval reward --cv` run, and reports per c
 gamma by inner 5-fold CV AUC, Platt-calibrated on the inner out-of-fold scores): is a nonlinear head the lever the
 linear one is not? (The service's heads are linear; this only measures.)
 
-The states come from the full embedded model (transformers, float32, each layer through the model's final norm
-as the trunk does), cached in `out/fc-layers-states.npz`. Only the train split: the figures feed design choices.
+`--model DIR` reads another grader's states instead (`benchmarks/prepare_gemma_grader.py`: Gemma 3 270M, the only
+other model installable here): is it the trunk's size class or this trunk? `--plus NPZ:LAYER` fits each single
+layer beside one layer of another states cache: do two trunks together carry more than either?
+
+The states come from the full model (transformers, float32, each layer through the model's final norm as the trunk
+does), cached in `out/fc-layers-states.npz` (`-<model folder>.npz` with `--model`). Only the train split: the
+figures feed design choices.
 
     python benchmarks/bench_fc_layers.py --run out/reward-cv-final5 --layers 10,15,20,25,30 \
         --combos 15+20,10+15+20+25,10+15+20+25+30
@@ -38,7 +43,8 @@ DEFAULT_GOLD = ROOT / "../shared/reference/openai-rbr/gold_train.jsonl"
 LABEL = "fully_complies"
 
 
-def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: int) -> dict[int, np.ndarray]:
+def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: int,
+                 model_dir: Path | None = None) -> dict[int, np.ndarray]:
     """Mean-and-max pooled, normed states of every gold completion at each layer (cached by layer set)."""
     if cache.exists():
         data = np.load(cache)
@@ -51,7 +57,7 @@ def layer_states(gold: list[dict], layers: list[int], cache: Path, max_tokens: i
     from rbr_model import models
     from rbr_model.heads import MEAN_AND_MAX, build_input, pool_span
 
-    model_dir = models.prepare()
+    model_dir = model_dir or models.prepare()
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out: dict[int, list[np.ndarray]] = {L: [] for L in layers}
@@ -130,8 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--combos", default="15+20,10+15+20+25,10+15+20+25+30", help="layer sets, concatenated")
     ap.add_argument("--classifiers", default="logreg", help="heads to fit per layer set: logreg (as shipped), rbf")
     ap.add_argument("--max-tokens", type=int, default=4096, help="conversation + completion tokens at most")
-    ap.add_argument("--cache", type=Path, default=ROOT / "out" / "fc-layers-states.npz", help="states cache")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="another grader's folder (transformers format, with a chat template; "
+                         "benchmarks/prepare_gemma_grader.py makes one); default: the embedded model")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="states cache (default out/fc-layers-states.npz, or -<model folder>.npz with --model)")
+    ap.add_argument("--plus", default="", metavar="NPZ:LAYER",
+                    help="also fit each single layer beside this layer of another states cache (e.g. the other "
+                         "grader's: do two trunks together carry more than either?)")
     args = ap.parse_args(argv)
+    if args.cache is None:
+        suffix = f"-{args.model.name}" if args.model else ""
+        args.cache = ROOT / "out" / f"fc-layers-states{suffix}.npz"
     if "test" in args.gold.name:
         raise SystemExit(f"{args.gold}: use the train split")
 
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     singles = [int(x) for x in args.layers.split(",") if x.strip()]
     combos = [[int(x) for x in c.split("+")] for c in args.combos.split(",") if c.strip()]
     needed = sorted({*singles, *(L for c in combos for L in c)})
-    states = layer_states(gold, needed, args.cache, args.max_tokens)
+    states = layer_states(gold, needed, args.cache, args.max_tokens, args.model)
 
     labelled = [r for r in served if LABEL in gold[r["row"]]["propositions"]]
     idx = np.array([r["row"] for r in labelled])
@@ -176,12 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     print(f"| as served in the run | logreg | - | {roc_auc(served_p[comply], y[comply]):.3f} | "
           f"{roc_auc(served_p, y):.3f} | {comply_top1(served_p):.3f} |")
-    for layers in [[L] for L in singles] + combos:
-        X = np.concatenate([states[L][idx] for L in layers], axis=1)
+    sets = [(f"layer {'+'.join(map(str, c))}", np.concatenate([states[L][idx] for L in c], axis=1))
+            for c in [[L] for L in singles] + combos]
+    if args.plus:
+        npz, other = args.plus.rsplit(":", 1)
+        extra = np.load(npz)[f"layer{int(other)}"]
+        if extra.shape[0] != len(gold):
+            raise SystemExit(f"--plus {args.plus}: {extra.shape[0]} rows, the gold file has {len(gold)}")
+        sets += [(f"layer {L} + {Path(npz).stem} layer {other}", np.concatenate([states[L][idx], extra[idx]], axis=1))
+                 for L in singles]
+    for name, X in sets:
         for kind in kinds:
             z, p = oof_probabilities(X, y, fold, fitters[kind])
             r = expit(z)  # roc_auc takes probabilities; the uncalibrated ones rank as the logits do
-            print(f"| layer {'+'.join(map(str, layers))} | {kind} | {X.shape[1]} | "
+            print(f"| {name} | {kind} | {X.shape[1]} | "
                   f"{roc_auc(r[comply], y[comply]):.3f} | {roc_auc(r, y):.3f} | {comply_top1(p):.3f} |", flush=True)
 
 

