@@ -16,7 +16,8 @@ linear one is not? (The service's heads are linear; this only measures.)
 
 `--model DIR` reads another grader's states instead (`benchmarks/prepare_gemma_grader.py`: Gemma 3 270M, the only
 other model installable here): is it the trunk's size class or this trunk? `--plus NPZ:LAYER` fits each single
-layer beside one layer of another states cache: do two trunks together carry more than either?
+layer beside one layer of another states cache: do two trunks together carry more than either? `--direct-class`
+reads comply's human class off the states with one multinomial head (no propositions, no product of conditions).
 
 The states come from the full model (transformers, float32, each layer through the model's final norm as the trunk
 does), cached in `out/fc-layers-states.npz` (`-<model folder>.npz` with `--model`). Only the train split: the
@@ -127,6 +128,27 @@ def oof_probabilities(X: np.ndarray, y: np.ndarray, fold: np.ndarray,
     return z_out, p_out
 
 
+DIRECT_CS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+
+
+def direct_class_predictions(X: np.ndarray, classes: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Out-of-fold classes from one multinomial head on the states (standardised L2 logistic regression, C by
+    inner 4-fold CV accuracy): the class read off the states directly, no propositions in between."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from rbr_model.heads.fitting import Standardiser
+
+    out = np.empty(len(classes), dtype=object)
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
+        std = Standardiser(X[tr])
+        search = GridSearchCV(LogisticRegression(max_iter=3000), {"C": DIRECT_CS},
+                              cv=StratifiedKFold(4, shuffle=True, random_state=0))
+        out[te] = search.fit(std(X[tr]), classes[tr]).predict(std(X[te]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -144,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plus", default="", metavar="NPZ:LAYER",
                     help="also fit each single layer beside this layer of another states cache (e.g. the other "
                          "grader's: do two trunks together carry more than either?)")
+    ap.add_argument("--direct-class", action="store_true",
+                    help="also fit, per layer set, one multinomial head predicting comply's human class from the "
+                         "states (no propositions, no product): is the class itself easier to read than the rule?")
     args = ap.parse_args(argv)
     if args.cache is None:
         suffix = f"-{args.model.name}" if args.model else ""
@@ -207,6 +232,15 @@ def main(argv: list[str] | None = None) -> None:
             r = expit(z)  # roc_auc takes probabilities; the uncalibrated ones rank as the logits do
             print(f"| {name} | {kind} | {X.shape[1]} | "
                   f"{roc_auc(r[comply], y[comply]):.3f} | {roc_auc(r, y):.3f} | {comply_top1(p):.3f} |", flush=True)
+    if args.direct_class:
+        human = np.array([r["human_class"] for r in labelled])[comply]
+        served_class = np.array([r["served_class"] for r in labelled])[comply]
+        print(f"\n| states | columns | comply top-1, one class head on the states ({int(comply.sum())} rows) |")
+        print("|---|---|---|")
+        print(f"| as served in the run (product rule) | - | {np.mean(served_class == human):.3f} |")
+        for name, X in sets:
+            hits = direct_class_predictions(X[comply], human, fold[comply]) == human
+            print(f"| {name} | {X.shape[1]} | {np.mean(hits):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
