@@ -175,6 +175,13 @@ def main(argv: list[str] | None = None) -> None:
         args.cache = ROOT / "out" / f"fc-layers-states{suffix}.npz"
     if "test" in args.gold.name:
         raise SystemExit(f"{args.gold}: use the train split")
+    if args.model and not (args.model / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: not a transformers model folder (no config.json); "
+                         "benchmarks/prepare_gemma_grader.py makes one")
+    npz, _, other = args.plus.rpartition(":")
+    if args.plus and (not Path(npz).is_file() or not other.isdigit() or f"layer{other}" not in np.load(npz)):
+        raise SystemExit(f"--plus {args.plus}: expected an existing states cache and one of its layers, "
+                         "e.g. out/fc-layers-states-gemma-3-270m.npz:9")
 
     from scipy.special import expit
 
@@ -220,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = [(f"layer {'+'.join(map(str, c))}", np.concatenate([states[L][idx] for L in c], axis=1))
             for c in [[L] for L in singles] + combos]
     if args.plus:
-        npz, other = args.plus.rsplit(":", 1)
-        extra = np.load(npz)[f"layer{int(other)}"]
+        extra = np.load(npz)[f"layer{other}"]
         if extra.shape[0] != len(gold):
             raise SystemExit(f"--plus {args.plus}: {extra.shape[0]} rows, the gold file has {len(gold)}")
         sets += [(f"layer {L} + {Path(npz).stem} layer {other}", np.concatenate([states[L][idx], extra[idx]], axis=1))
