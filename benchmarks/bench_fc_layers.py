@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--model {args.model}: not a transformers model folder (no config.json); "
                          "benchmarks/prepare_gemma_grader.py makes one")
     npz, _, other = args.plus.rpartition(":")
-    if args.plus and (not Path(npz).is_file() or not other.isdigit() or f"layer{other}" not in np.load(npz)):
+    extra = np.load(npz) if args.plus and Path(npz).is_file() else {}
+    if args.plus and f"layer{other}" not in extra:
         raise SystemExit(f"--plus {args.plus}: expected an existing states cache and one of its layers, "
                          "e.g. out/fc-layers-states-gemma-3-270m.npz:9")
 
@@ -227,11 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     sets = [(f"layer {'+'.join(map(str, c))}", np.concatenate([states[L][idx] for L in c], axis=1))
             for c in [[L] for L in singles] + combos]
     if args.plus:
-        extra = np.load(npz)[f"layer{other}"]
-        if extra.shape[0] != len(gold):
-            raise SystemExit(f"--plus {args.plus}: {extra.shape[0]} rows, the gold file has {len(gold)}")
-        sets += [(f"layer {L} + {Path(npz).stem} layer {other}", np.concatenate([states[L][idx], extra[idx]], axis=1))
-                 for L in singles]
+        other_states = extra[f"layer{other}"]
+        if other_states.shape[0] != len(gold):
+            raise SystemExit(f"--plus {args.plus}: {other_states.shape[0]} rows, the gold file has {len(gold)}")
+        sets += [(f"layer {L} + {Path(npz).stem} layer {other}",
+                  np.concatenate([states[L][idx], other_states[idx]], axis=1)) for L in singles]
     for name, X in sets:
         for kind in kinds:
             z, p = oof_probabilities(X, y, fold, fitters[kind])

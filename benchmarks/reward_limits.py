@@ -478,8 +478,7 @@ def recalibrate(d: Data, args: argparse.Namespace) -> None:
 
 
 SECTIONS = {"oracle": oracle, "hard-refuse": hard_refuse, "fc-auc": fc_auc, "inability": inability,
-            "class-rule": class_rule, "head-auc": head_auc,
-            "recalibrate": recalibrate}
+            "class-rule": class_rule, "head-auc": head_auc, "recalibrate": recalibrate}
 
 
 def main(argv: list[str] | None = None) -> None:

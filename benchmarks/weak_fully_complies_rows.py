@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -67,8 +68,6 @@ def opening(text: str, limit: int = 500) -> str:
 
 def first_sentence(text: str, shortest: int = 30) -> str:
     """The answer's first sentence of at least `shortest` characters (a lone "Advice:" heading is not one)."""
-    import re
-
     flat = " ".join(text.split())
     for m in re.finditer(r"[.!?:](\s|$)", flat):
         if m.start() >= shortest:
